@@ -1,0 +1,60 @@
+//! Engine errors: every bad file, tensor, prompt or parameter names what is wrong.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not a valid GGUF file: {reason}")]
+    InvalidGguf { path: PathBuf, reason: String },
+    #[error("`{path}` is not a valid safetensors file: {reason}")]
+    InvalidSafetensors { path: PathBuf, reason: String },
+    #[error("unsupported tensor type `{kind}` for tensor `{tensor}`")]
+    UnsupportedTensorType { kind: String, tensor: String },
+    #[error("unsupported architecture `{0}` (supported: llama)")]
+    UnsupportedArchitecture(String),
+    #[error("unsupported quantization `{0}`")]
+    UnsupportedQuantization(String),
+    #[error("model is missing tensor `{0}`")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<i64>,
+        actual: Vec<i64>,
+    },
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+    #[error("model `{0}` not found (give a GGUF file, a Hugging Face folder, or `smollm2`)")]
+    ModelNotFound(String),
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt of {prompt_tokens} tokens plus `max_tokens` {max_tokens} exceeds the model context of {context} tokens")]
+    ContextExceeded {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+    #[error("token id {token} is outside the vocabulary of {vocab_size}")]
+    TokenOutOfVocab { token: u32, vocab_size: usize },
+    #[error("invalid parameter `{param}`: {reason}")]
+    InvalidParameter { param: &'static str, reason: String },
+    #[error("request `{0}` already exists")]
+    DuplicateRequest(String),
+    #[error("the KV cache of {total_blocks} blocks cannot hold a sequence needing {needed_blocks} blocks")]
+    SequenceTooLong {
+        needed_blocks: usize,
+        total_blocks: usize,
+    },
+    #[error("torch error: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

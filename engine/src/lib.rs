@@ -1,0 +1,18 @@
+//! The engine: what a decode or prefill worker runs. A worker hands it token ids with sampling
+//! parameters; the scheduler batches running sequences step by step (continuous batching,
+//! chunked prefill, preemption), the block manager gives each sequence 128-token KV blocks from a
+//! paged cache with prefix reuse and reports Stored/Removed events for the KV router, and the
+//! executor runs the Llama model on tch (CPU or CUDA). Tokens go back to the worker as they are
+//! sampled; text is the processor's business, not the engine's.
+
+pub mod block_manager;
+pub mod card;
+pub mod config;
+pub mod error;
+pub mod loader;
+pub mod sampler;
+pub mod weights;
+
+pub use card::ModelCard;
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::{EngineError, Result};

