@@ -46,6 +46,8 @@ pub enum EngineError {
     TokenOutOfVocab { token: u32, vocab_size: usize },
     #[error("invalid parameter `{param}`: {reason}")]
     InvalidParameter { param: &'static str, reason: String },
+    #[error("logits of batch row {row} cannot be sampled: {reason}")]
+    InvalidLogits { row: usize, reason: &'static str },
     #[error("request `{0}` already exists")]
     DuplicateRequest(String),
     #[error("the KV cache of {total_blocks} blocks cannot hold a sequence needing {needed_blocks} blocks")]
@@ -53,8 +55,14 @@ pub enum EngineError {
         needed_blocks: usize,
         total_blocks: usize,
     },
+    #[error("forward step failed: {0}")]
+    StepFailed(String),
+    #[error("request `{0}` is not waiting for a remote prefill")]
+    NotAwaitingPrefill(String),
     #[error("torch error: {0}")]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Block(#[from] crate::block_manager::BlockError),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -6,13 +6,24 @@
 //! sampled; text is the processor's business, not the engine's.
 
 pub mod block_manager;
+pub mod builder;
 pub mod card;
 pub mod config;
+pub mod engine;
 pub mod error;
+pub mod executor;
+pub mod kv_cache;
 pub mod loader;
+pub mod model;
 pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
 pub mod weights;
 
+pub use builder::{build_engine, parse_kind, EngineOptions};
 pub use card::ModelCard;
 pub use config::{LlamaConfig, RopeScaling};
+pub use engine::{Engine, EngineConfig, EngineStats, FinishReason, Request, RequestOutput};
 pub use error::{EngineError, Result};
+pub use executor::{Executor, ModelExecutor};
+pub use sampler::{SampledToken, SamplingParams};

@@ -1,0 +1,110 @@
+//! Builds a ready engine from a loaded model: places the weights, sizes the KV cache.
+
+use tch::{Device, Kind};
+
+use crate::card::ModelCard;
+use crate::engine::{Engine, EngineConfig};
+use crate::error::{EngineError, Result};
+use crate::executor::ModelExecutor;
+use crate::kv_cache::KvCache;
+use crate::loader::LoadedModel;
+use crate::model::Llama;
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Compute dtype: bf16 serves, f32 reproduces reference outputs exactly.
+    pub kind: Kind,
+    pub device: Device,
+    pub block_size: usize,
+    /// KV cache size in blocks; `None` sizes it from `kv_cache_bytes`.
+    pub num_blocks: Option<usize>,
+    pub kv_cache_bytes: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    /// Caps the model's own context length.
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            kind: Kind::BFloat16,
+            device: Device::Cpu,
+            block_size: 128,
+            num_blocks: None,
+            kv_cache_bytes: 1 << 30,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            enable_prefix_caching: true,
+            max_model_len: None,
+        }
+    }
+}
+
+/// Parses a dtype name as the CLI and configs spell it.
+pub fn parse_kind(name: &str) -> Option<Kind> {
+    match name {
+        "bf16" | "bfloat16" => Some(Kind::BFloat16),
+        "f32" | "float32" | "float" => Some(Kind::Float),
+        "f16" | "float16" | "half" => Some(Kind::Half),
+        _ => None,
+    }
+}
+
+impl EngineOptions {
+    fn check(&self) -> Result<()> {
+        let bad = |param, reason: &str| {
+            Err(EngineError::InvalidParameter {
+                param,
+                reason: reason.to_string(),
+            })
+        };
+        if self.block_size == 0 {
+            return bad("block_size", "must be positive");
+        }
+        if self.max_num_seqs == 0 {
+            return bad("max_num_seqs", "must be positive");
+        }
+        if self.max_num_batched_tokens == 0 {
+            return bad("max_num_batched_tokens", "must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Takes the weights into a model on `opts.device` and returns the engine and the card.
+pub fn build_engine(loaded: LoadedModel, opts: &EngineOptions) -> Result<(Engine, ModelCard)> {
+    opts.check()?;
+    let LoadedModel { card, mut weights } = loaded;
+    let model = Llama::new(&card.config, &mut weights, opts.kind, opts.device)?;
+    let max_context = opts
+        .max_model_len
+        .map_or(card.max_context, |m| m.min(card.max_context))
+        .min(card.config.max_position_embeddings);
+    let num_blocks = opts.num_blocks.unwrap_or_else(|| {
+        let per_block = KvCache::bytes_per_block(&card.config, opts.block_size, opts.kind);
+        (opts.kv_cache_bytes / per_block).max(1)
+    });
+    if num_blocks == 0 {
+        return Err(EngineError::InvalidParameter {
+            param: "num_blocks",
+            reason: "must be positive".to_string(),
+        });
+    }
+    tracing::info!(
+        num_blocks,
+        block_size = opts.block_size,
+        kind = ?opts.kind,
+        "KV cache ready"
+    );
+    let executor = ModelExecutor::new(model, num_blocks, opts.block_size);
+    let config = EngineConfig {
+        max_num_seqs: opts.max_num_seqs,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        enable_prefix_caching: opts.enable_prefix_caching,
+        eos_token_ids: card.eos_token_ids.clone(),
+        max_context,
+    };
+    Ok((Engine::new(Box::new(executor), config, None), card))
+}

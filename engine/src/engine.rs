@@ -1,0 +1,391 @@
+//! The engine loop: validate and queue requests, run one scheduled step through the executor,
+//! sample, apply stop conditions, and report per-request output. Single-threaded by design —
+//! a worker drives `step()` from its own thread and calls `add_request`/`abort` between steps,
+//! so a cancellation frees its KV blocks before the next step starts.
+
+use std::collections::HashMap;
+use std::sync::mpsc::Sender;
+
+use runtime::kv_event::KvEvent;
+
+use crate::block_manager::{BlockManager, BlockManagerConfig, SeqId};
+use crate::error::{EngineError, Result};
+use crate::executor::Executor;
+use crate::model::{ForwardBatch, SeqChunk};
+use crate::sampler::{sample, SampledToken, SamplerRow, SamplingParams, SequenceRng};
+use crate::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig};
+use crate::sequence::{SeqStatus, Sequence};
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    /// Ids that end generation unless `ignore_eos` (the model card's EOS ids).
+    pub eos_token_ids: Vec<u32>,
+    /// Longest sequence, prompt plus output.
+    pub max_context: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS or a stop token.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What one step produced for one request.
+#[derive(Clone, Debug)]
+pub struct RequestOutput {
+    pub request_id: String,
+    pub new_tokens: Vec<SampledToken>,
+    pub finish_reason: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+/// Blocks reserved for a prompt that a prefill worker will fill.
+#[derive(Clone, Debug)]
+pub struct RemotePrefillSlot {
+    pub block_ids: Vec<u32>,
+    /// Leading prompt tokens already cached here (their blocks need no transfer).
+    pub cached_tokens: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_cached: usize,
+    pub prefix_hit_tokens: u64,
+    pub prefix_query_tokens: u64,
+    pub preemptions: u64,
+}
+
+pub struct Engine {
+    executor: Box<dyn Executor>,
+    scheduler: Scheduler,
+    config: EngineConfig,
+    ids: HashMap<String, SeqId>,
+    next_seq: SeqId,
+}
+
+impl Engine {
+    pub fn new(
+        executor: Box<dyn Executor>,
+        config: EngineConfig,
+        events: Option<Sender<KvEvent>>,
+    ) -> Self {
+        let blocks = BlockManager::new(
+            BlockManagerConfig {
+                num_blocks: executor.num_blocks(),
+                block_size: executor.block_size(),
+                enable_prefix_caching: config.enable_prefix_caching,
+            },
+            events,
+        );
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+            },
+            blocks,
+        );
+        Engine {
+            executor,
+            scheduler,
+            config,
+            ids: HashMap::new(),
+            next_seq: 0,
+        }
+    }
+
+    fn validate(&self, req: &Request) -> Result<()> {
+        if req.prompt_token_ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let vocab_size = self.executor.vocab_size();
+        if let Some(&token) = req.prompt_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(EngineError::TokenOutOfVocab { token, vocab_size });
+        }
+        req.params.validate()?;
+        let total = req.prompt_token_ids.len() + req.params.max_tokens;
+        if total > self.config.max_context {
+            return Err(EngineError::ContextExceeded {
+                prompt_tokens: req.prompt_token_ids.len(),
+                max_tokens: req.params.max_tokens,
+                context: self.config.max_context,
+            });
+        }
+        let needed_blocks = total.div_ceil(self.executor.block_size());
+        if needed_blocks > self.executor.num_blocks() {
+            return Err(EngineError::SequenceTooLong {
+                needed_blocks,
+                total_blocks: self.executor.num_blocks(),
+            });
+        }
+        if self.ids.contains_key(&req.request_id) {
+            return Err(EngineError::DuplicateRequest(req.request_id.clone()));
+        }
+        Ok(())
+    }
+
+    fn new_sequence(&mut self, req: Request, status: SeqStatus) -> Sequence {
+        let id = self.next_seq;
+        self.next_seq += 1;
+        self.ids.insert(req.request_id.clone(), id);
+        Sequence {
+            id,
+            request_id: req.request_id,
+            prompt_len: req.prompt_token_ids.len(),
+            tokens: req.prompt_token_ids,
+            num_computed: 0,
+            rng: SequenceRng::new(req.params.seed),
+            params: req.params,
+            status,
+            cached_prompt_tokens: None,
+            cumulative_logprob: 0.0,
+        }
+    }
+
+    pub fn add_request(&mut self, req: Request) -> Result<()> {
+        self.validate(&req)?;
+        let seq = self.new_sequence(req, SeqStatus::Waiting);
+        self.scheduler.add(seq);
+        Ok(())
+    }
+
+    /// Cancels a request wherever it is; its KV blocks are free when this returns.
+    pub fn abort(&mut self, request_id: &str) -> bool {
+        match self.ids.remove(request_id) {
+            Some(id) => self.scheduler.remove(id).is_some(),
+            None => false,
+        }
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.ids.is_empty()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let b = &self.scheduler.blocks;
+        let (hit, query) = b.prefix_cache_hits();
+        EngineStats {
+            running: self.scheduler.num_running(),
+            waiting: self.scheduler.num_waiting(),
+            kv_blocks_total: b.total_blocks(),
+            kv_blocks_used: b.num_used_blocks(),
+            kv_blocks_cached: b.num_cached_blocks(),
+            prefix_hit_tokens: hit,
+            prefix_query_tokens: query,
+            preemptions: self.scheduler.num_preemptions(),
+        }
+    }
+
+    /// Reserves KV blocks for a prompt whose prefill runs elsewhere (disaggregation). The
+    /// request waits, outside the batch, until `complete_remote_prefill` or `abort`.
+    pub fn add_remote_prefill_request(&mut self, req: Request) -> Result<RemotePrefillSlot> {
+        self.validate(&req)?;
+        let seq = self.new_sequence(req, SeqStatus::RemotePrefill);
+        let id = seq.id;
+        match self.scheduler.blocks.allocate(id, &seq.tokens) {
+            Ok(cached) => {
+                let mut seq = seq;
+                seq.num_computed = cached;
+                seq.cached_prompt_tokens = Some(cached);
+                let block_ids = self.scheduler.blocks.block_table(id).unwrap_or(&[]).to_vec();
+                self.scheduler.add(seq);
+                Ok(RemotePrefillSlot {
+                    block_ids,
+                    cached_tokens: cached,
+                })
+            }
+            Err(e) => {
+                self.ids.remove(&seq.request_id);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The prompt's KV is in the reserved blocks and `first` was sampled by the prefill
+    /// worker: register the blocks and let the sequence decode in the batch.
+    pub fn complete_remote_prefill(
+        &mut self,
+        request_id: &str,
+        first: SampledToken,
+    ) -> Result<RequestOutput> {
+        let id = *self
+            .ids
+            .get(request_id)
+            .ok_or_else(|| EngineError::NotAwaitingPrefill(request_id.to_string()))?;
+        let seq = self.scheduler.seqs.get_mut(&id).expect("known id has a sequence");
+        if seq.status != SeqStatus::RemotePrefill {
+            return Err(EngineError::NotAwaitingPrefill(request_id.to_string()));
+        }
+        seq.num_computed = seq.prompt_len;
+        self.scheduler.blocks.commit(id, &seq.tokens)?;
+        self.scheduler.start_running(id);
+        Ok(self.append_token(id, first))
+    }
+
+    /// Runs one scheduled step. An executor failure fails every request of the step (their
+    /// blocks freed) and is returned; the engine stays usable.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let scheduled = self.scheduler.schedule();
+        if scheduled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = match self.execute(&scheduled) {
+            Ok(l) => l,
+            Err(e) => {
+                for c in &scheduled {
+                    self.finish(c.seq);
+                }
+                return Err(e);
+            }
+        };
+        for c in &scheduled {
+            let seq = self.scheduler.seqs.get_mut(&c.seq).expect("scheduled exists");
+            seq.num_computed += c.num_tokens;
+            let computed = &seq.tokens[..seq.num_computed];
+            self.scheduler.blocks.commit(c.seq, computed)?;
+        }
+        let to_sample: Vec<SeqId> = scheduled.iter().filter(|c| c.sample).map(|c| c.seq).collect();
+        let sampled = self.sample(&logits, &to_sample);
+        let sampled = match sampled {
+            Ok(s) => s,
+            Err(e) => {
+                for id in to_sample {
+                    self.finish(id);
+                }
+                return Err(e);
+            }
+        };
+        Ok(to_sample
+            .into_iter()
+            .zip(sampled)
+            .map(|(id, tok)| self.append_token(id, tok))
+            .collect())
+    }
+
+    fn execute(&mut self, scheduled: &[ScheduledChunk]) -> Result<tch::Tensor> {
+        let seqs = &self.scheduler.seqs;
+        let blocks = &self.scheduler.blocks;
+        let chunks = scheduled
+            .iter()
+            .map(|c| {
+                let seq = &seqs[&c.seq];
+                SeqChunk {
+                    tokens: &seq.tokens[seq.num_computed..seq.num_computed + c.num_tokens],
+                    context_len: seq.num_computed,
+                    block_table: blocks.block_table(c.seq).expect("scheduled has blocks"),
+                    sample: c.sample,
+                }
+            })
+            .collect();
+        self.executor.execute(&ForwardBatch { chunks })
+    }
+
+    fn sample(&mut self, logits: &tch::Tensor, ids: &[SeqId]) -> Result<Vec<SampledToken>> {
+        let eos = &self.config.eos_token_ids;
+        // Until min_tokens is reached, nothing may end the sequence.
+        let suppressed: Vec<Vec<u32>> = ids
+            .iter()
+            .map(|id| {
+                let seq = &self.scheduler.seqs[id];
+                if seq.output().len() < seq.params.min_tokens {
+                    eos.iter().chain(&seq.params.stop_token_ids).copied().collect()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        let mut by_id: HashMap<SeqId, &mut Sequence> = self
+            .scheduler
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| ids.contains(id))
+            .map(|(id, s)| (*id, s))
+            .collect();
+        let mut rows: Vec<SamplerRow<'_>> = Vec::with_capacity(ids.len());
+        // Rows must follow `ids` order; take each sequence out of the map once.
+        for (id, suppressed) in ids.iter().zip(&suppressed) {
+            let seq = by_id.remove(id).expect("sampled sequence exists");
+            let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
+            rows.push(SamplerRow {
+                params: &seq.params,
+                rng: &mut seq.rng,
+                prompt_tokens: prompt,
+                output_tokens: output,
+                suppressed_tokens: suppressed,
+            });
+        }
+        sample(logits, &mut rows)
+    }
+
+    fn append_token(&mut self, id: SeqId, tok: SampledToken) -> RequestOutput {
+        let seq = self.scheduler.seqs.get_mut(&id).expect("sequence exists");
+        seq.tokens.push(tok.token);
+        seq.cumulative_logprob += tok.logprob as f64;
+        let out_len = seq.output().len();
+        let p = &seq.params;
+        let ends = (!p.ignore_eos && self.config.eos_token_ids.contains(&tok.token))
+            || p.stop_token_ids.contains(&tok.token);
+        let finish = if ends && out_len >= p.min_tokens {
+            Some(FinishReason::Stop)
+        } else if out_len >= p.max_tokens || seq.tokens.len() >= self.config.max_context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let output = RequestOutput {
+            request_id: seq.request_id.clone(),
+            new_tokens: vec![tok],
+            finish_reason: finish,
+            prompt_tokens: seq.prompt_len,
+            cached_tokens: seq.cached_prompt_tokens.unwrap_or(0),
+        };
+        if finish.is_some() {
+            self.finish(id);
+        }
+        output
+    }
+
+    fn finish(&mut self, id: SeqId) {
+        if let Some(seq) = self.scheduler.remove(id) {
+            self.ids.remove(&seq.request_id);
+        }
+    }
+
+    /// Runs steps until every queued request finishes; outputs in the order they happened.
+    pub fn run_to_completion(&mut self) -> Result<Vec<RequestOutput>> {
+        let mut all = Vec::new();
+        while self.has_unfinished() {
+            let out = self.step()?;
+            if out.is_empty() && !self.scheduler.has_work() {
+                break;
+            }
+            all.extend(out);
+        }
+        Ok(all)
+    }
+}

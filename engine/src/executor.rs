@@ -1,0 +1,74 @@
+//! The executor seam: what runs a forward step. `ModelExecutor` runs the Llama model on tch
+//! and owns the paged KV cache; a mock executor (benchmarks without a model) plugs in here.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use tch::Tensor;
+
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::model::{ForwardBatch, Llama};
+
+pub trait Executor: Send {
+    /// Runs one step; returns f32 logits `[num_samples, vocab]`, one row per chunk with
+    /// `sample`, in chunk order.
+    fn execute(&mut self, batch: &ForwardBatch<'_>) -> Result<Tensor>;
+    fn num_blocks(&self) -> usize;
+    fn block_size(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+}
+
+pub struct ModelExecutor {
+    model: Llama,
+    cache: KvCache,
+}
+
+impl ModelExecutor {
+    pub fn new(model: Llama, num_blocks: usize, block_size: usize) -> Self {
+        let cache = KvCache::new(
+            model.config(),
+            num_blocks,
+            block_size,
+            model.kind(),
+            model.device(),
+        );
+        ModelExecutor { model, cache }
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn kv_cache(&self) -> &KvCache {
+        &self.cache
+    }
+}
+
+impl Executor for ModelExecutor {
+    fn execute(&mut self, batch: &ForwardBatch<'_>) -> Result<Tensor> {
+        // tch turns a libtorch exception (say, out of memory) into a panic; a failed step must
+        // fail its requests, not the process.
+        catch_unwind(AssertUnwindSafe(|| self.model.forward(batch, &mut self.cache))).map_err(
+            |panic| {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown failure".to_string());
+                EngineError::StepFailed(msg)
+            },
+        )
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.cache.num_blocks()
+    }
+
+    fn block_size(&self) -> usize {
+        self.cache.block_size()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+}

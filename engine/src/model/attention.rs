@@ -1,0 +1,172 @@
+//! Attention over paged KV: single-token chunks (decodes) are batched into one
+//! `scaled_dot_product_attention` call over their padded block tables with a length mask;
+//! longer chunks (prefills) run one call each with a causal mask offset by their context.
+
+use tch::{Device, Kind, Tensor};
+
+use super::SeqChunk;
+
+/// Index tensors for one step, built once and shared by every layer.
+pub struct AttentionPlan {
+    block_size: i64,
+    /// Decode group: `[B * max_blocks]` block ids and a `[B, 1, 1, max_blocks * bs]` mask.
+    decode: Option<(i64, i64, Tensor, Tensor)>,
+    /// Prefill chunks in flat-token order: (first flat row, len, context, block ids, mask).
+    prefills: Vec<PrefillPlan>,
+    /// K slot (flat row into `[num_blocks * 2 * bs]`) of every new token; V is `+ block_size`.
+    pub k_slots: Tensor,
+    pub v_slots: Tensor,
+}
+
+struct PrefillPlan {
+    start: i64,
+    len: i64,
+    context: i64,
+    blocks: Tensor,
+    mask: Option<Tensor>,
+}
+
+impl AttentionPlan {
+    /// `chunks` must list single-token chunks first (the flat token order).
+    pub fn new(chunks: &[&SeqChunk<'_>], block_size: usize, device: Device) -> Self {
+        let bs = block_size as i64;
+        let mut slots = Vec::new();
+        for c in chunks {
+            for p in c.context_len..c.context_len + c.tokens.len() {
+                let block = c.block_table[p / block_size] as i64;
+                slots.push(block * 2 * bs + (p % block_size) as i64);
+            }
+        }
+        let k_slots = Tensor::from_slice(&slots).to_device(device);
+        let v_slots = &k_slots + bs;
+
+        let n_decode = chunks.iter().take_while(|c| c.tokens.len() == 1).count();
+        let decode = (n_decode > 0).then(|| {
+            let lens: Vec<usize> = chunks[..n_decode].iter().map(|c| c.context_len + 1).collect();
+            let max_blocks = lens.iter().map(|l| l.div_ceil(block_size)).max().unwrap_or(1);
+            let mut table = Vec::with_capacity(n_decode * max_blocks);
+            let mut mask = Vec::with_capacity(n_decode * max_blocks * block_size);
+            for (c, len) in chunks[..n_decode].iter().zip(&lens) {
+                let used = len.div_ceil(block_size);
+                table.extend(c.block_table[..used].iter().map(|&b| b as i64));
+                // Padding points at block 0; the mask keeps it out of the softmax.
+                table.extend(std::iter::repeat_n(0i64, max_blocks - used));
+                mask.extend((0..max_blocks * block_size).map(|j| j < *len));
+            }
+            let b = n_decode as i64;
+            let l = (max_blocks * block_size) as i64;
+            let mask = Tensor::from_slice(&mask).reshape([b, 1, 1, l]).to_device(device);
+            let table = Tensor::from_slice(&table).to_device(device);
+            (b, max_blocks as i64, table, mask)
+        });
+
+        let mut prefills = Vec::new();
+        let mut start = n_decode as i64;
+        for c in &chunks[n_decode..] {
+            let len = c.tokens.len() as i64;
+            let context = c.context_len as i64;
+            let total = context + len;
+            let used = (total as usize).div_ceil(block_size);
+            let blocks: Vec<i64> = c.block_table[..used].iter().map(|&b| b as i64).collect();
+            // Query i (absolute position context+i) sees keys 0..=context+i.
+            let mask = (context > 0).then(|| {
+                let q = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(1) + context;
+                let k = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+                k.le_tensor(&q)
+            });
+            prefills.push(PrefillPlan {
+                start,
+                len,
+                context,
+                blocks: Tensor::from_slice(&blocks).to_device(device),
+                mask,
+            });
+            start += len;
+        }
+        AttentionPlan {
+            block_size: bs,
+            decode,
+            prefills,
+            k_slots,
+            v_slots,
+        }
+    }
+
+    /// `q`: `[T, heads, d]`; `k`, `v`: this step's `[T, kv_heads, d]` (already in `cache`);
+    /// `cache`: the layer's `[num_blocks, 2, bs, kv_heads, d]`. Returns `[T, heads * d]`.
+    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cache: &Tensor) -> Tensor {
+        let (kvh, d) = (cache.size()[3], cache.size()[4]);
+        let heads = q.size()[1];
+        let mut outs = Vec::with_capacity(1 + self.prefills.len());
+        if let Some((b, max_blocks, table, mask)) = &self.decode {
+            let kv = cache
+                .index_select(0, table)
+                .view([*b, *max_blocks, 2, self.block_size, kvh, d]);
+            let l = max_blocks * self.block_size;
+            let keys = kv.select(2, 0).reshape([*b, l, kvh, d]).transpose(1, 2);
+            let values = kv.select(2, 1).reshape([*b, l, kvh, d]).transpose(1, 2);
+            let qd = q.narrow(0, 0, *b).unsqueeze(2);
+            let o = Tensor::scaled_dot_product_attention(
+                &qd,
+                &keys,
+                &values,
+                Some(mask),
+                0.0,
+                false,
+                None,
+                true,
+            );
+            outs.push(o.reshape([*b, heads * d]));
+        }
+        for p in &self.prefills {
+            let qp = q.narrow(0, p.start, p.len).transpose(0, 1).unsqueeze(0);
+            let o = if p.context == 0 {
+                // Nothing cached before the chunk: attend to this step's K/V directly.
+                let kp = k.narrow(0, p.start, p.len).transpose(0, 1).unsqueeze(0);
+                let vp = v.narrow(0, p.start, p.len).transpose(0, 1).unsqueeze(0);
+                Tensor::scaled_dot_product_attention(
+                    &qp,
+                    &kp,
+                    &vp,
+                    None::<Tensor>,
+                    0.0,
+                    true,
+                    None,
+                    true,
+                )
+            } else {
+                let total = p.context + p.len;
+                let kv = cache.index_select(0, &p.blocks);
+                let nb = kv.size()[0];
+                let keys = kv
+                    .select(1, 0)
+                    .reshape([nb * self.block_size, kvh, d])
+                    .narrow(0, 0, total)
+                    .transpose(0, 1)
+                    .unsqueeze(0);
+                let values = kv
+                    .select(1, 1)
+                    .reshape([nb * self.block_size, kvh, d])
+                    .narrow(0, 0, total)
+                    .transpose(0, 1)
+                    .unsqueeze(0);
+                Tensor::scaled_dot_product_attention(
+                    &qp,
+                    &keys,
+                    &values,
+                    p.mask.as_ref(),
+                    0.0,
+                    false,
+                    None,
+                    true,
+                )
+            };
+            outs.push(o.squeeze_dim(0).transpose(0, 1).reshape([p.len, heads * d]));
+        }
+        if outs.len() == 1 {
+            outs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outs, 0)
+        }
+    }
+}

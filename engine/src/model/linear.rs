@@ -1,0 +1,82 @@
+//! Linear layers: dense weights in the compute dtype, or FP8 weights with per-channel scales.
+//! FP8 runs through `_scaled_mm` on CUDA (inputs quantized per token on the fly, the
+//! "dynamic" scheme of compressed-tensors); CPU has no FP8 matmul, so there it is dequantized.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::weights::WeightTensor;
+
+/// Largest finite float8_e4m3fn value.
+const FP8_E4M3_MAX: f64 = 448.0;
+
+pub enum Linear {
+    /// `[out, in]`, as `F.linear` takes it.
+    Dense { weight: Tensor },
+    /// `[in, out]` column-major FP8 weight (the layout `_scaled_mm` wants) and `[1, out]` scales.
+    Fp8 { weight_t: Tensor, scale: Tensor },
+}
+
+impl Linear {
+    /// Builds a layer from several `[out_i, in]` weights stacked along the output dimension
+    /// (fused q/k/v or gate/up: one matmul instead of several per step).
+    pub fn fused(parts: Vec<WeightTensor>, kind: Kind, device: Device) -> Linear {
+        let all_fp8 = parts.iter().all(|p| matches!(p, WeightTensor::Fp8 { .. }));
+        if all_fp8 && device.is_cuda() {
+            let (ws, ss): (Vec<Tensor>, Vec<Tensor>) = parts
+                .into_iter()
+                .map(|p| match p {
+                    WeightTensor::Fp8 { weight, scale } => (weight, scale),
+                    WeightTensor::Dense(_) => unreachable!("checked above"),
+                })
+                .unzip();
+            let w = Tensor::cat(&ws, 0).to_device(device);
+            let s = Tensor::cat(&ss, 0).to_kind(Kind::Float).to_device(device);
+            // `[out, in]` row-major transposed is `[in, out]` column-major, as `_scaled_mm` needs.
+            return Linear::Fp8 {
+                weight_t: w.tr(),
+                scale: s.reshape([1, -1]),
+            };
+        }
+        let ws: Vec<Tensor> = parts.iter().map(|p| p.dequantize(kind)).collect();
+        let w = Tensor::cat(&ws, 0).to_device(device);
+        Linear::Dense { weight: w }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Linear::Dense { weight } => x.linear(weight, None::<Tensor>),
+            Linear::Fp8 { weight_t, scale } => {
+                let out_kind = x.kind();
+                let xf = x.to_kind(Kind::Float);
+                let amax = xf.abs().amax([-1].as_slice(), true).clamp_min(1e-12);
+                let x_scale = &amax / FP8_E4M3_MAX;
+                let xq = (xf / &x_scale).to_kind(Kind::Float8e4m3fn);
+                xq.internal_scaled_mm(
+                    weight_t,
+                    &x_scale,
+                    scale,
+                    None::<Tensor>,
+                    None::<Tensor>,
+                    out_kind,
+                    false,
+                )
+            }
+        }
+    }
+
+    /// Bytes of weight read per forward step (for bandwidth arithmetic).
+    pub fn weight_bytes(&self) -> usize {
+        let t = match self {
+            Linear::Dense { weight } => weight,
+            Linear::Fp8 { weight_t, .. } => weight_t,
+        };
+        t.numel() * t.kind().elt_size_in_bytes()
+    }
+
+    pub fn out_features(&self) -> i64 {
+        match self {
+            Linear::Dense { weight } => weight.size()[0],
+            Linear::Fp8 { weight_t, .. } => weight_t.size()[1],
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Llama weights and the forward step: RMSNorm, fused QKV with RoPE, paged GQA attention,
+//! SwiGLU MLP, tied or untied LM head.
+
+use tch::{Device, Kind, Tensor};
+
+use super::attention::AttentionPlan;
+use super::linear::Linear;
+use super::rope::{self, Rope};
+use super::{ForwardBatch, SeqChunk};
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::weights::{WeightTensor, Weights};
+
+struct Layer {
+    input_norm: Tensor,
+    qkv: Linear,
+    o_proj: Linear,
+    post_norm: Tensor,
+    gate_up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    config: LlamaConfig,
+    kind: Kind,
+    device: Device,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// `[vocab, hidden]`; the embedding itself when tied.
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+impl Llama {
+    /// Takes the weights it needs out of `weights`, checking every shape.
+    pub fn new(
+        config: &LlamaConfig,
+        weights: &mut Weights,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let h = config.hidden_size as i64;
+        let q_out = (config.num_attention_heads * config.head_dim) as i64;
+        let kv_out = (config.num_key_value_heads * config.head_dim) as i64;
+        let inter = config.intermediate_size as i64;
+        let vocab = config.vocab_size as i64;
+
+        let dense = |w: WeightTensor| w.dequantize(kind).to_device(device);
+        let embed = dense(weights.take("model.embed_tokens.weight", &[vocab, h])?);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut take = |name: &str, shape: &[i64]| weights.take(&format!("{p}.{name}"), shape);
+            let input_norm = dense(take("input_layernorm.weight", &[h])?);
+            let q = take("self_attn.q_proj.weight", &[q_out, h])?;
+            let k = take("self_attn.k_proj.weight", &[kv_out, h])?;
+            let v = take("self_attn.v_proj.weight", &[kv_out, h])?;
+            let o = take("self_attn.o_proj.weight", &[h, q_out])?;
+            let post_norm = dense(take("post_attention_layernorm.weight", &[h])?);
+            let gate = take("mlp.gate_proj.weight", &[inter, h])?;
+            let up = take("mlp.up_proj.weight", &[inter, h])?;
+            let down = take("mlp.down_proj.weight", &[h, inter])?;
+            layers.push(Layer {
+                input_norm,
+                qkv: Linear::fused(vec![q, k, v], kind, device),
+                o_proj: Linear::fused(vec![o], kind, device),
+                post_norm,
+                gate_up: Linear::fused(vec![gate, up], kind, device),
+                down: Linear::fused(vec![down], kind, device),
+            });
+        }
+        let norm = dense(weights.take("model.norm.weight", &[h])?);
+        let lm_head = if config.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            embed.shallow_clone()
+        } else {
+            dense(weights.take("lm_head.weight", &[vocab, h])?)
+        };
+        let rope = Rope::new(config, config.max_position_embeddings, device);
+        Ok(Llama {
+            config: config.clone(),
+            kind,
+            device,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Bytes of weights one decode step reads (embedding rows aside).
+    pub fn weight_bytes_per_step(&self) -> usize {
+        let layer_bytes: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.weight_bytes()
+                    + l.o_proj.weight_bytes()
+                    + l.gate_up.weight_bytes()
+                    + l.down.weight_bytes()
+            })
+            .sum();
+        layer_bytes + self.lm_head.numel() * self.lm_head.kind().elt_size_in_bytes()
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        x.rms_norm(
+            [self.config.hidden_size as i64].as_slice(),
+            Some(weight),
+            self.config.rms_norm_eps,
+        )
+    }
+
+    /// Runs one step, writing the chunks' K/V into `cache`. Returns f32 logits
+    /// `[num_samples, vocab]`, one row per chunk with `sample`, in chunk order.
+    pub fn forward(&self, batch: &ForwardBatch<'_>, cache: &mut KvCache) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        // Single-token chunks go first so attention can batch them.
+        let mut order: Vec<usize> = (0..batch.chunks.len()).collect();
+        order.sort_by_key(|&i| batch.chunks[i].tokens.len() > 1);
+        let chunks: Vec<&SeqChunk<'_>> = order.iter().map(|&i| &batch.chunks[i]).collect();
+
+        let mut ids = Vec::with_capacity(batch.num_tokens());
+        let mut positions = Vec::with_capacity(batch.num_tokens());
+        let mut last_row = vec![None; batch.chunks.len()];
+        for (&orig, c) in order.iter().zip(&chunks) {
+            ids.extend(c.tokens.iter().map(|&t| t as i64));
+            positions.extend((c.context_len..c.context_len + c.tokens.len()).map(|p| p as i64));
+            if c.sample {
+                last_row[orig] = Some(ids.len() as i64 - 1);
+            }
+        }
+        let dev = self.device;
+        let ids = Tensor::from_slice(&ids).to_device(dev);
+        let positions = Tensor::from_slice(&positions).to_device(dev);
+        let plan = AttentionPlan::new(&chunks, cache.block_size(), dev);
+        let (cos, sin) = self.rope.tables(&positions, self.kind);
+
+        let c = &self.config;
+        let (heads, kvh, d) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim as i64,
+        );
+        let t = ids.size()[0];
+        let mut x = self.embed.index_select(0, &ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.input_norm);
+            let qkv = layer.qkv.forward(&h);
+            let q = qkv.narrow(1, 0, heads * d).view([t, heads, d]);
+            let k = qkv.narrow(1, heads * d, kvh * d).view([t, kvh, d]);
+            let v = qkv.narrow(1, (heads + kvh) * d, kvh * d).view([t, kvh, d]);
+            let q = rope::apply(&q, &cos, &sin);
+            let k = rope::apply(&k, &cos, &sin);
+            let layer_cache = cache.layer_mut(i);
+            let mut flat = layer_cache.view([-1, kvh, d]);
+            let _ = flat.index_copy_(0, &plan.k_slots, &k);
+            let _ = flat.index_copy_(0, &plan.v_slots, &v);
+            let attn = plan.attend(&q, &k, &v, layer_cache);
+            x += layer.o_proj.forward(&attn);
+            let h = self.rms_norm(&x, &layer.post_norm);
+            let gu = layer.gate_up.forward(&h);
+            let inter = c.intermediate_size as i64;
+            let act = gu.narrow(1, 0, inter).silu() * gu.narrow(1, inter, inter);
+            x += layer.down.forward(&act);
+        }
+        let rows: Vec<i64> = last_row.into_iter().flatten().collect();
+        if rows.is_empty() {
+            return Tensor::zeros([0, c.vocab_size as i64], (Kind::Float, dev));
+        }
+        let rows = Tensor::from_slice(&rows).to_device(dev);
+        let h = self.rms_norm(&x.index_select(0, &rows), &self.norm);
+        h.linear(&self.lm_head, None::<Tensor>).to_kind(Kind::Float)
+    }
+}
