@@ -4,7 +4,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use engine::{build_engine, loader, parse_kind, EngineOptions, FinishReason, Request, SamplingParams};
+use engine::{
+    build_engine, loader, parse_device, parse_kind, EngineOptions, FinishReason, Request,
+    SamplingParams,
+};
 use processor::{ChatMessage, ChatTemplate};
 
 #[derive(Args, Debug)]
@@ -13,7 +16,11 @@ pub struct GenerateArgs {
     #[arg(long, env = "BATON_MODEL", default_value = "smollm2")]
     model: String,
     /// Prompt text.
-    #[arg(long, conflicts_with = "prompt_token_ids", required_unless_present = "prompt_token_ids")]
+    #[arg(
+        long,
+        conflicts_with = "prompt_token_ids",
+        required_unless_present = "prompt_token_ids"
+    )]
     prompt: Option<String>,
     /// Prompt as comma-separated token ids, fed to the model as they are.
     #[arg(long, value_delimiter = ',')]
@@ -34,6 +41,9 @@ pub struct GenerateArgs {
     /// Compute dtype: bf16 (fast on CPU) or f32 (matches reference outputs exactly).
     #[arg(long, env = "BATON_DTYPE", default_value = "bf16")]
     dtype: String,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, env = "BATON_DEVICE", default_value = "cpu")]
+    device: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -42,6 +52,7 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let kind = parse_kind(&args.dtype)
         .with_context(|| format!("unknown `--dtype` {:?} (use bf16, f16 or f32)", args.dtype))?;
+    let device = parse_device(&args.device)?;
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message(format!("loading {}", args.model));
     spinner.enable_steady_tick(std::time::Duration::from_millis(100));
@@ -49,6 +60,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     spinner.finish_and_clear();
     let opts = EngineOptions {
         kind,
+        device,
         ..EngineOptions::default()
     };
     let (mut engine, card) = build_engine(loaded?, &opts)?;
@@ -62,8 +74,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     .as_deref()
                     .context("`--chat`: the model has no chat template")?;
                 let token = |id: Option<u32>| id.and_then(|i| card.tokenizer.id_to_token(i));
-                ChatTemplate::new(template, token(card.bos_token_id), token(card.eos_token_ids.first().copied()))?
-                    .render(&[ChatMessage::new("user", text.as_str())], true)?
+                ChatTemplate::new(
+                    template,
+                    token(card.bos_token_id),
+                    token(card.eos_token_ids.first().copied()),
+                )?
+                .render(&[ChatMessage::new("user", text.as_str())], true)?
             } else {
                 text.clone()
             };

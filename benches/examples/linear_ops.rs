@@ -12,7 +12,10 @@ fn main() {
             let w = Tensor::randn([o, h], (kind, Device::Cpu));
             let wt = w.tr().contiguous();
             for (name, f) in [
-                ("linear", Box::new(|| x.linear(&w, None::<Tensor>)) as Box<dyn Fn() -> Tensor>),
+                (
+                    "linear",
+                    Box::new(|| x.linear(&w, None::<Tensor>)) as Box<dyn Fn() -> Tensor>,
+                ),
                 ("matmul[in,out]", Box::new(|| x.matmul(&wt))),
             ] {
                 for _ in 0..3 {

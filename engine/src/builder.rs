@@ -42,6 +42,31 @@ impl Default for EngineOptions {
     }
 }
 
+/// Parses a device name: `cpu`, `cuda` or `cuda:N`. CUDA needs the `cuda` feature and a GPU.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let bad = |reason: String| EngineError::InvalidParameter {
+        param: "device",
+        reason,
+    };
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => name
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| bad(format!("`{name}` is not `cpu`, `cuda` or `cuda:N`")))?,
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(bad(format!(
+            "`{name}`: this build has no CUDA support (build with `--features cuda`)"
+        )));
+    }
+    if ordinal >= tch::Cuda::device_count() as usize {
+        return Err(bad(format!("`{name}`: no such CUDA device")));
+    }
+    Ok(Device::Cuda(ordinal))
+}
+
 /// Parses a dtype name as the CLI and configs spell it.
 pub fn parse_kind(name: &str) -> Option<Kind> {
     match name {

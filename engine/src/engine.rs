@@ -124,7 +124,11 @@ impl Engine {
             return Err(EngineError::EmptyPrompt);
         }
         let vocab_size = self.executor.vocab_size();
-        if let Some(&token) = req.prompt_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+        if let Some(&token) = req
+            .prompt_token_ids
+            .iter()
+            .find(|&&t| t as usize >= vocab_size)
+        {
             return Err(EngineError::TokenOutOfVocab { token, vocab_size });
         }
         req.params.validate()?;
@@ -212,7 +216,12 @@ impl Engine {
                 let mut seq = seq;
                 seq.num_computed = cached;
                 seq.cached_prompt_tokens = Some(cached);
-                let block_ids = self.scheduler.blocks.block_table(id).unwrap_or(&[]).to_vec();
+                let block_ids = self
+                    .scheduler
+                    .blocks
+                    .block_table(id)
+                    .unwrap_or(&[])
+                    .to_vec();
                 self.scheduler.add(seq);
                 Ok(RemotePrefillSlot {
                     block_ids,
@@ -237,7 +246,11 @@ impl Engine {
             .ids
             .get(request_id)
             .ok_or_else(|| EngineError::NotAwaitingPrefill(request_id.to_string()))?;
-        let seq = self.scheduler.seqs.get_mut(&id).expect("known id has a sequence");
+        let seq = self
+            .scheduler
+            .seqs
+            .get_mut(&id)
+            .expect("known id has a sequence");
         if seq.status != SeqStatus::RemotePrefill {
             return Err(EngineError::NotAwaitingPrefill(request_id.to_string()));
         }
@@ -264,12 +277,20 @@ impl Engine {
             }
         };
         for c in &scheduled {
-            let seq = self.scheduler.seqs.get_mut(&c.seq).expect("scheduled exists");
+            let seq = self
+                .scheduler
+                .seqs
+                .get_mut(&c.seq)
+                .expect("scheduled exists");
             seq.num_computed += c.num_tokens;
             let computed = &seq.tokens[..seq.num_computed];
             self.scheduler.blocks.commit(c.seq, computed)?;
         }
-        let to_sample: Vec<SeqId> = scheduled.iter().filter(|c| c.sample).map(|c| c.seq).collect();
+        let to_sample: Vec<SeqId> = scheduled
+            .iter()
+            .filter(|c| c.sample)
+            .map(|c| c.seq)
+            .collect();
         let sampled = self.sample(&logits, &to_sample);
         let sampled = match sampled {
             Ok(s) => s,
@@ -313,7 +334,10 @@ impl Engine {
             .map(|id| {
                 let seq = &self.scheduler.seqs[id];
                 if seq.output().len() < seq.params.min_tokens {
-                    eos.iter().chain(&seq.params.stop_token_ids).copied().collect()
+                    eos.iter()
+                        .chain(&seq.params.stop_token_ids)
+                        .copied()
+                        .collect()
                 } else {
                     Vec::new()
                 }

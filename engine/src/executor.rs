@@ -48,16 +48,17 @@ impl Executor for ModelExecutor {
     fn execute(&mut self, batch: &ForwardBatch<'_>) -> Result<Tensor> {
         // tch turns a libtorch exception (say, out of memory) into a panic; a failed step must
         // fail its requests, not the process.
-        catch_unwind(AssertUnwindSafe(|| self.model.forward(batch, &mut self.cache))).map_err(
-            |panic| {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown failure".to_string());
-                EngineError::StepFailed(msg)
-            },
-        )
+        catch_unwind(AssertUnwindSafe(|| {
+            self.model.forward(batch, &mut self.cache)
+        }))
+        .map_err(|panic| {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".to_string());
+            EngineError::StepFailed(msg)
+        })
     }
 
     fn num_blocks(&self) -> usize {

@@ -20,7 +20,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod weights;
 
-pub use builder::{build_engine, parse_kind, EngineOptions};
+pub use builder::{build_engine, parse_device, parse_kind, EngineOptions};
 pub use card::ModelCard;
 pub use config::{LlamaConfig, RopeScaling};
 pub use engine::{Engine, EngineConfig, EngineStats, FinishReason, Request, RequestOutput};

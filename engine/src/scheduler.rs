@@ -135,7 +135,8 @@ impl Scheduler {
                 Err(e) => unreachable!("scheduler keeps block tables consistent: {e}"),
             };
             seq.num_computed = cached;
-            seq.cached_prompt_tokens.get_or_insert(cached.min(seq.prompt_len));
+            seq.cached_prompt_tokens
+                .get_or_insert(cached.min(seq.prompt_len));
             seq.status = SeqStatus::Running;
             let n = seq.remaining().min(budget);
             out.push(ScheduledChunk {

@@ -837,7 +837,7 @@ fn repeated_prompt_reports_cached_tokens() {
         // Full blocks only, and at least one prompt token left to compute.
         let expected = (len - 1) / BLOCK_SIZE * BLOCK_SIZE;
         assert_eq!(second.cached_tokens, expected, "len {len}");
-        assert!(second.cached_tokens > 0 && second.cached_tokens % BLOCK_SIZE == 0);
+        assert!(second.cached_tokens > 0 && second.cached_tokens.is_multiple_of(BLOCK_SIZE));
         assert_eq!(
             second.tokens, first.tokens,
             "len {len}: a hit changes no token"

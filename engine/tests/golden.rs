@@ -2,7 +2,9 @@
 //! (`../shared/golden/`, computed with transformers in float32), and invariance of greedy
 //! output under batching, chunked prefill and prefix-cache hits.
 
-use baton_engine::{build_engine, loader, Engine, EngineOptions, FinishReason, Request, SamplingParams};
+use baton_engine::{
+    build_engine, loader, Engine, EngineOptions, FinishReason, Request, SamplingParams,
+};
 use serde_json::Value;
 use tch::Kind;
 
@@ -103,7 +105,12 @@ fn run(engine: &mut Engine, prompts: &[(String, Vec<u32>, usize)]) -> Vec<(Vec<u
 
 fn assert_prefix(case: &Case, got: &[u32], what: &str) {
     let n = case.checked;
-    assert!(got.len() >= n, "{}: {what}: only {} tokens", case.id, got.len());
+    assert!(
+        got.len() >= n,
+        "{}: {what}: only {} tokens",
+        case.id,
+        got.len()
+    );
     assert_eq!(
         &got[..n],
         &case.greedy[..n],

@@ -34,7 +34,9 @@ struct Args {
 }
 
 fn prompt(rng: &mut rand_chacha::ChaCha8Rng, len: usize, vocab: usize) -> Vec<u32> {
-    (0..len).map(|_| rng.random_range(100..vocab as u32)).collect()
+    (0..len)
+        .map(|_| rng.random_range(100..vocab as u32))
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -139,7 +141,9 @@ fn main() -> Result<()> {
     for &b in &args.batches {
         let (mut step_ms, mut decode_tps, mut e2e_tps, mut ttft) = (vec![], vec![], vec![], vec![]);
         for _ in 0..args.repeats {
-            let prompts: Vec<_> = (0..b).map(|_| prompt(&mut rng, args.decode_isl, vocab)).collect();
+            let prompts: Vec<_> = (0..b)
+                .map(|_| prompt(&mut rng, args.decode_isl, vocab))
+                .collect();
             let r = run_batch(&mut engine, &prompts, args.decode_osl)?;
             let per_step = r.decode.as_secs_f64() / r.decode_steps.max(1) as f64;
             step_ms.push(per_step * 1000.0);

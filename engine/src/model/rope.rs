@@ -44,8 +44,8 @@ pub fn inv_freq(config: &LlamaConfig) -> Vec<f32> {
                         f / factor
                     } else {
                         // Between the two cut-offs, blend scaled and unscaled smoothly.
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     };
                     scaled as f32
@@ -69,8 +69,16 @@ impl Rope {
 
     /// cos and sin rows for `positions` (`[T]` int64), shaped `[T, 1, head_dim]` in `kind`.
     pub fn tables(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        let cos = self.cos.index_select(0, positions).unsqueeze(1).to_kind(kind);
-        let sin = self.sin.index_select(0, positions).unsqueeze(1).to_kind(kind);
+        let cos = self
+            .cos
+            .index_select(0, positions)
+            .unsqueeze(1)
+            .to_kind(kind);
+        let sin = self
+            .sin
+            .index_select(0, positions)
+            .unsqueeze(1)
+            .to_kind(kind);
         (cos, sin)
     }
 
