@@ -112,6 +112,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut finish = FinishReason::Length;
     while engine.has_unfinished() {
         for out in engine.step()? {
+            if let Some(e) = out.error {
+                bail!("generation failed: {e}");
+            }
             first_token_at.get_or_insert_with(Instant::now);
             token_ids.extend(out.new_tokens.iter().map(|t| t.token));
             if let Some(f) = out.finish_reason {

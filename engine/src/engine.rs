@@ -59,6 +59,8 @@ pub struct RequestOutput {
     pub finish_reason: Option<FinishReason>,
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
+    /// Set when the request failed in this step; it is gone from the engine, its blocks free.
+    pub error: Option<String>,
 }
 
 /// Blocks reserved for a prompt that a prefill worker will fill.
@@ -260,8 +262,8 @@ impl Engine {
         Ok(self.append_token(id, first))
     }
 
-    /// Runs one scheduled step. An executor failure fails every request of the step (their
-    /// blocks freed) and is returned; the engine stays usable.
+    /// Runs one scheduled step. If the forward pass or sampling fails, every request it
+    /// touched ends with an output carrying the error (blocks freed) and the engine stays usable.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         let scheduled = self.scheduler.schedule();
         if scheduled.is_empty() {
@@ -270,10 +272,8 @@ impl Engine {
         let logits = match self.execute(&scheduled) {
             Ok(l) => l,
             Err(e) => {
-                for c in &scheduled {
-                    self.finish(c.seq);
-                }
-                return Err(e);
+                let ids: Vec<SeqId> = scheduled.iter().map(|c| c.seq).collect();
+                return Ok(self.fail(&ids, &e));
             }
         };
         for c in &scheduled {
@@ -294,12 +294,7 @@ impl Engine {
         let sampled = self.sample(&logits, &to_sample);
         let sampled = match sampled {
             Ok(s) => s,
-            Err(e) => {
-                for id in to_sample {
-                    self.finish(id);
-                }
-                return Err(e);
-            }
+            Err(e) => return Ok(self.fail(&to_sample, &e)),
         };
         Ok(to_sample
             .into_iter()
@@ -387,11 +382,32 @@ impl Engine {
             finish_reason: finish,
             prompt_tokens: seq.prompt_len,
             cached_tokens: seq.cached_prompt_tokens.unwrap_or(0),
+            error: None,
         };
         if finish.is_some() {
             self.finish(id);
         }
         output
+    }
+
+    fn fail(&mut self, ids: &[SeqId], error: &EngineError) -> Vec<RequestOutput> {
+        tracing::error!(requests = ids.len(), %error, "step failed");
+        let outputs = ids
+            .iter()
+            .filter_map(|id| self.scheduler.seqs.get(id))
+            .map(|seq| RequestOutput {
+                request_id: seq.request_id.clone(),
+                new_tokens: Vec::new(),
+                finish_reason: None,
+                prompt_tokens: seq.prompt_len,
+                cached_tokens: seq.cached_prompt_tokens.unwrap_or(0),
+                error: Some(error.to_string()),
+            })
+            .collect();
+        for &id in ids {
+            self.finish(id);
+        }
+        outputs
     }
 
     fn finish(&mut self, id: SeqId) {
@@ -400,16 +416,76 @@ impl Engine {
         }
     }
 
-    /// Runs steps until every queued request finishes; outputs in the order they happened.
+    /// Runs steps until every queued request finishes, or nothing can run (only requests
+    /// waiting for a remote prefill, or waiting for blocks those hold); outputs in order.
     pub fn run_to_completion(&mut self) -> Result<Vec<RequestOutput>> {
         let mut all = Vec::new();
         while self.has_unfinished() {
             let out = self.step()?;
-            if out.is_empty() && !self.scheduler.has_work() {
+            if out.is_empty() && self.scheduler.num_running() == 0 {
                 break;
             }
             all.extend(out);
         }
         Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ForwardBatch;
+
+    /// Fails every step, as a device out of memory would.
+    struct FailingExecutor;
+
+    impl Executor for FailingExecutor {
+        fn execute(&mut self, _batch: &ForwardBatch<'_>) -> Result<tch::Tensor> {
+            Err(EngineError::StepFailed("simulated device failure".into()))
+        }
+        fn num_blocks(&self) -> usize {
+            16
+        }
+        fn block_size(&self) -> usize {
+            4
+        }
+        fn vocab_size(&self) -> usize {
+            100
+        }
+    }
+
+    #[test]
+    fn a_failed_step_ends_each_of_its_requests_with_the_error_and_frees_blocks() {
+        let config = EngineConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 64,
+            enable_prefix_caching: true,
+            eos_token_ids: vec![0],
+            max_context: 64,
+        };
+        let mut engine = Engine::new(Box::new(FailingExecutor), config, None);
+        for id in ["a", "b"] {
+            engine
+                .add_request(Request {
+                    request_id: id.into(),
+                    prompt_token_ids: vec![1, 2, 3, 4, 5],
+                    params: SamplingParams::greedy(4),
+                })
+                .unwrap();
+        }
+        let out = engine.step().expect("failures are reported per request");
+        let mut failed: Vec<&str> = out.iter().map(|o| o.request_id.as_str()).collect();
+        failed.sort();
+        assert_eq!(failed, ["a", "b"]);
+        for o in &out {
+            assert!(o
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("simulated device failure"));
+            assert!(o.finish_reason.is_none());
+        }
+        assert!(!engine.has_unfinished());
+        assert_eq!(engine.stats().kv_blocks_used, 0);
     }
 }
