@@ -11,6 +11,9 @@ pub struct AttentionPlan {
     block_size: i64,
     /// Decode group: `[B * max_blocks]` block ids and a `[B, 1, 1, max_blocks * bs]` mask.
     decode: Option<(i64, i64, Tensor, Tensor)>,
+    /// The decode mask as an additive bias (0 / -inf) in the compute kind, for the
+    /// non-SDPA path.
+    decode_bias: Option<Tensor>,
     /// Prefill chunks in flat-token order: (first flat row, len, context, block ids, mask).
     prefills: Vec<PrefillPlan>,
     /// K slot (flat row into `[num_blocks * 2 * bs]`) of every new token; V is `+ block_size`.
@@ -28,7 +31,7 @@ struct PrefillPlan {
 
 impl AttentionPlan {
     /// `chunks` must list single-token chunks first (the flat token order).
-    pub fn new(chunks: &[&SeqChunk<'_>], block_size: usize, device: Device) -> Self {
+    pub fn new(chunks: &[&SeqChunk<'_>], block_size: usize, kind: Kind, device: Device) -> Self {
         let bs = block_size as i64;
         let mut slots = Vec::new();
         for c in chunks {
@@ -69,6 +72,14 @@ impl AttentionPlan {
             (b, max_blocks as i64, table, mask)
         });
 
+        let decode_bias = decode
+            .as_ref()
+            .filter(|_| kind != Kind::Float)
+            .map(|(_, _, _, mask)| {
+                Tensor::zeros(mask.size(), (kind, device))
+                    .masked_fill(&mask.logical_not(), f64::NEG_INFINITY)
+            });
+
         let mut prefills = Vec::new();
         let mut start = n_decode as i64;
         for c in &chunks[n_decode..] {
@@ -95,6 +106,7 @@ impl AttentionPlan {
         AttentionPlan {
             block_size: bs,
             decode,
+            decode_bias,
             prefills,
             k_slots,
             v_slots,
@@ -108,24 +120,37 @@ impl AttentionPlan {
         let heads = q.size()[1];
         let mut outs = Vec::with_capacity(1 + self.prefills.len());
         if let Some((b, max_blocks, table, mask)) = &self.decode {
-            let kv =
-                cache
-                    .index_select(0, table)
-                    .view([*b, *max_blocks, 2, self.block_size, kvh, d]);
             let l = max_blocks * self.block_size;
-            let keys = kv.select(2, 0).reshape([*b, l, kvh, d]).transpose(1, 2);
-            let values = kv.select(2, 1).reshape([*b, l, kvh, d]).transpose(1, 2);
-            let qd = q.narrow(0, 0, *b).unsqueeze(2);
-            let o = Tensor::scaled_dot_product_attention(
-                &qd,
-                &keys,
-                &values,
-                Some(mask),
-                0.0,
-                false,
-                None,
-                true,
-            );
+            // One copy lays out K and V as [B, 2, kv_heads, L, d]; both are views of it.
+            let kv = cache
+                .index_select(0, table)
+                .view([*b, *max_blocks, 2, self.block_size, kvh, d])
+                .permute([0, 2, 4, 1, 3, 5])
+                .reshape([*b, 2, kvh, l, d]);
+            let keys = kv.select(1, 0);
+            let values = kv.select(1, 1);
+            let qd = q.narrow(0, 0, *b);
+            let o = if q.kind() == Kind::Float {
+                Tensor::scaled_dot_product_attention(
+                    &qd.unsqueeze(2),
+                    &keys,
+                    &values,
+                    Some(mask),
+                    0.0,
+                    false,
+                    None,
+                    true,
+                )
+            } else {
+                // libtorch's CPU SDPA is ~10x slower in bf16 than this for one query token:
+                // query heads grouped per KV head make it one small batched matmul each way.
+                let g = heads / kvh;
+                let qg = qd.view([*b, kvh, g, d]) * (1.0 / (d as f64).sqrt());
+                let bias = self.decode_bias.as_ref().expect("built for non-f32 kinds");
+                let scores = qg.matmul(&keys.transpose(2, 3)) + bias;
+                let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+                probs.matmul(&values)
+            };
             outs.push(o.reshape([*b, heads * d]));
         }
         for p in &self.prefills {

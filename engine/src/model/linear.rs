@@ -10,8 +10,11 @@ use crate::weights::WeightTensor;
 const FP8_E4M3_MAX: f64 = 448.0;
 
 pub enum Linear {
-    /// `[out, in]`, as `F.linear` takes it.
+    /// `[out, in]`, as `F.linear` takes it (f32: MKL's sgemm/sgemv are fastest this way).
     Dense { weight: Tensor },
+    /// `[in, out]` contiguous: for bf16/f16 on CPU, oneDNN then skips re-laying out the
+    /// weight on every call (~20% faster at decode batch sizes).
+    DenseT { weight_t: Tensor },
     /// `[in, out]` column-major FP8 weight (the layout `_scaled_mm` wants) and `[1, out]` scales.
     Fp8 { weight_t: Tensor, scale: Tensor },
 }
@@ -39,12 +42,19 @@ impl Linear {
         }
         let ws: Vec<Tensor> = parts.iter().map(|p| p.dequantize(kind)).collect();
         let w = Tensor::cat(&ws, 0).to_device(device);
-        Linear::Dense { weight: w }
+        if kind == Kind::Float || device.is_cuda() {
+            Linear::Dense { weight: w }
+        } else {
+            Linear::DenseT {
+                weight_t: w.tr().contiguous(),
+            }
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Linear::Dense { weight } => x.linear(weight, None::<Tensor>),
+            Linear::DenseT { weight_t } => x.matmul(weight_t),
             Linear::Fp8 { weight_t, scale } => {
                 let out_kind = x.kind();
                 let xf = x.to_kind(Kind::Float);
@@ -68,7 +78,7 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         let t = match self {
             Linear::Dense { weight } => weight,
-            Linear::Fp8 { weight_t, .. } => weight_t,
+            Linear::DenseT { weight_t } | Linear::Fp8 { weight_t, .. } => weight_t,
         };
         t.numel() * t.kind().elt_size_in_bytes()
     }
@@ -76,7 +86,7 @@ impl Linear {
     pub fn out_features(&self) -> i64 {
         match self {
             Linear::Dense { weight } => weight.size()[0],
-            Linear::Fp8 { weight_t, .. } => weight_t.size()[1],
+            Linear::DenseT { weight_t } | Linear::Fp8 { weight_t, .. } => weight_t.size()[1],
         }
     }
 }

@@ -28,8 +28,8 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    /// `[vocab, hidden]`; the embedding itself when tied.
-    lm_head: Tensor,
+    /// `[vocab, hidden]` projection; a copy of the embedding when tied.
+    lm_head: Linear,
     rope: Rope,
 }
 
@@ -74,10 +74,11 @@ impl Llama {
         }
         let norm = dense(weights.take("model.norm.weight", &[h])?);
         let lm_head = if config.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            embed.shallow_clone()
+            WeightTensor::Dense(embed.shallow_clone())
         } else {
-            dense(weights.take("lm_head.weight", &[vocab, h])?)
+            weights.take("lm_head.weight", &[vocab, h])?
         };
+        let lm_head = Linear::fused(vec![lm_head], kind, device);
         let rope = Rope::new(config, config.max_position_embeddings, device);
         Ok(Llama {
             config: config.clone(),
@@ -115,7 +116,7 @@ impl Llama {
                     + l.down.weight_bytes()
             })
             .sum();
-        layer_bytes + self.lm_head.numel() * self.lm_head.kind().elt_size_in_bytes()
+        layer_bytes + self.lm_head.weight_bytes()
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Tensor {
@@ -148,7 +149,7 @@ impl Llama {
         let dev = self.device;
         let ids = Tensor::from_slice(&ids).to_device(dev);
         let positions = Tensor::from_slice(&positions).to_device(dev);
-        let plan = AttentionPlan::new(&chunks, cache.block_size(), dev);
+        let plan = AttentionPlan::new(&chunks, cache.block_size(), self.kind, dev);
         let (cos, sin) = self.rope.tables(&positions, self.kind);
 
         let c = &self.config;
@@ -162,11 +163,16 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.input_norm);
             let qkv = layer.qkv.forward(&h);
-            let q = qkv.narrow(1, 0, heads * d).view([t, heads, d]);
-            let k = qkv.narrow(1, heads * d, kvh * d).view([t, kvh, d]);
+            // Q and K heads are adjacent in the fused output: rotate them in one go.
+            let qk = rope::apply(
+                &qkv.narrow(1, 0, (heads + kvh) * d)
+                    .view([t, heads + kvh, d]),
+                &cos,
+                &sin,
+            );
+            let q = qk.narrow(1, 0, heads);
+            let k = qk.narrow(1, heads, kvh);
             let v = qkv.narrow(1, (heads + kvh) * d, kvh * d).view([t, kvh, d]);
-            let q = rope::apply(&q, &cos, &sin);
-            let k = rope::apply(&k, &cos, &sin);
             let layer_cache = cache.layer_mut(i);
             let mut flat = layer_cache.view([-1, kvh, d]);
             let _ = flat.index_copy_(0, &plan.k_slots, &k);
@@ -185,6 +191,6 @@ impl Llama {
         }
         let rows = Tensor::from_slice(&rows).to_device(dev);
         let h = self.rms_norm(&x.index_select(0, &rows), &self.norm);
-        h.linear(&self.lm_head, None::<Tensor>).to_kind(Kind::Float)
+        self.lm_head.forward(&h).to_kind(Kind::Float)
     }
 }
