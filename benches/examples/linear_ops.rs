@@ -11,20 +11,29 @@ fn main() {
             let x = Tensor::randn([m, h], (kind, Device::Cpu));
             let w = Tensor::randn([o, h], (kind, Device::Cpu));
             let wt = w.tr().contiguous();
+            let wm = w.to_mkldnn();
             for (name, f) in [
                 (
                     "linear",
                     Box::new(|| x.linear(&w, None::<Tensor>)) as Box<dyn Fn() -> Tensor>,
                 ),
                 ("matmul[in,out]", Box::new(|| x.matmul(&wt))),
+                (
+                    "mkldnn_linear",
+                    Box::new(|| {
+                        x.to_mkldnn()
+                            .mkldnn_linear(&wm, None::<Tensor>)
+                            .to_dense(None, false)
+                    }),
+                ),
             ] {
                 for _ in 0..3 {
-                    f();
+                    let _ = f();
                 }
                 let n = 50;
                 let t = Instant::now();
                 for _ in 0..n {
-                    f();
+                    let _ = f();
                 }
                 let dt = t.elapsed().as_secs_f64() / n as f64;
                 println!(

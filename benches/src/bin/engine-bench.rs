@@ -122,6 +122,10 @@ fn main() -> Result<()> {
         args.dtype,
         tch::get_num_threads()
     );
+    // A decode step reads every weight once (the tied embedding as the LM head); the
+    // embedding lookup itself only touches B rows.
+    let step_bytes = card.config.num_parameters() as f64 * kind.elt_size_in_bytes() as f64;
+    println!("weights read per decode step: {:.0} MB", step_bytes / 1e6);
 
     // Warm-up: first calls pay for allocator and kernel selection.
     run_batch(&mut engine, &[prompt(&mut rng, 64, vocab)], 4)?;
@@ -152,10 +156,11 @@ fn main() -> Result<()> {
             ttft.push(r.ttft.as_secs_f64() * 1000.0);
         }
         println!(
-            "decode batch {b:>3} ({}/{}): {:>7.2} ms/step, {:>7.1} decode tok/s, {:>7.1} output tok/s end-to-end, TTFT {:>6.0} ms",
+            "decode batch {b:>3} ({}/{}): {:>7.2} ms/step ({:>4.1} GB/s of weights), {:>7.1} decode tok/s, {:>7.1} output tok/s end-to-end, TTFT {:>6.0} ms",
             args.decode_isl,
             args.decode_osl,
-            median(step_ms),
+            median(step_ms.clone()),
+            step_bytes / (median(step_ms) / 1000.0) / 1e9,
             median(decode_tps),
             median(e2e_tps),
             median(ttft)
