@@ -1,0 +1,153 @@
+//! In-process discovery: a map guarded by a mutex, watchers fed through channels. Dropping a
+//! `Registration` plays the part of a lost lease.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use super::{Discovery, DiscoveryEvent, EndpointId, Instance, InstanceSpec, Registration, Result};
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    instances: BTreeMap<String, Instance>,
+    watchers: Vec<(EndpointId, mpsc::UnboundedSender<DiscoveryEvent>)>,
+}
+
+impl State {
+    fn notify(&mut self, endpoint: &EndpointId, event: DiscoveryEvent) {
+        // A watcher whose receiver is gone is dropped here.
+        self.watchers
+            .retain(|(e, tx)| e != endpoint || tx.send(event.clone()).is_ok());
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct MemoryDiscovery {
+    state: Arc<Mutex<State>>,
+}
+
+impl MemoryDiscovery {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the map half-updated (single inserts
+        // and removes), so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Withdraws the instance when the registration is dropped.
+struct Lease {
+    state: Arc<Mutex<State>>,
+    key: String,
+    endpoint: EndpointId,
+    instance_id: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.instances.remove(&self.key).is_some() {
+            let event = DiscoveryEvent::Delete {
+                instance_id: self.instance_id,
+            };
+            state.notify(&self.endpoint, event);
+        }
+    }
+}
+
+#[async_trait]
+impl Discovery for MemoryDiscovery {
+    async fn register(&self, spec: InstanceSpec) -> Result<Registration> {
+        let mut state = self.lock();
+        state.next_id += 1;
+        let instance = Instance {
+            endpoint: spec.endpoint.clone(),
+            instance_id: state.next_id,
+            address: spec.address,
+            model: spec.model,
+            metadata: spec.metadata,
+        };
+        let key = spec.endpoint.key(instance.instance_id);
+        state.instances.insert(key.clone(), instance.clone());
+        state.notify(&spec.endpoint, DiscoveryEvent::Put(instance.clone()));
+        let lease = Lease {
+            state: self.state.clone(),
+            key,
+            endpoint: spec.endpoint,
+            instance_id: instance.instance_id,
+        };
+        Ok(Registration::new(instance, lease))
+    }
+
+    async fn watch(
+        &self,
+        endpoint: &EndpointId,
+    ) -> Result<(Vec<Instance>, mpsc::UnboundedReceiver<DiscoveryEvent>)> {
+        let mut state = self.lock();
+        let prefix = endpoint.prefix();
+        let now = state
+            .instances
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, i)| i.clone())
+            .collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        state.watchers.push((endpoint.clone(), tx));
+        Ok((now, rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(endpoint: &EndpointId, address: &str) -> InstanceSpec {
+        InstanceSpec {
+            endpoint: endpoint.clone(),
+            address: address.into(),
+            model: Some("smollm2".into()),
+            metadata: serde_json::Value::Null,
+        }
+    }
+
+    #[tokio::test]
+    async fn watchers_see_existing_instances_puts_and_deletes() {
+        let d = MemoryDiscovery::new();
+        let workers = EndpointId::new("dynamo", "decode", "generate");
+        let other = EndpointId::new("dynamo", "prefill", "generate");
+        let first = d.register(spec(&workers, "a")).await.unwrap();
+        let _elsewhere = d.register(spec(&other, "p")).await.unwrap();
+
+        let (now, mut events) = d.watch(&workers).await.unwrap();
+        assert_eq!(now, vec![first.instance.clone()]);
+
+        let second = d.register(spec(&workers, "b")).await.unwrap();
+        assert_ne!(second.instance.instance_id, first.instance.instance_id);
+        assert_eq!(
+            events.recv().await,
+            Some(DiscoveryEvent::Put(second.instance.clone()))
+        );
+        let gone = first.instance.instance_id;
+        drop(first);
+        assert_eq!(
+            events.recv().await,
+            Some(DiscoveryEvent::Delete { instance_id: gone })
+        );
+        let (now, _) = d.watch(&workers).await.unwrap();
+        assert_eq!(now, vec![second.instance.clone()]);
+        assert!(events.try_recv().is_err(), "no event for another endpoint");
+    }
+
+    #[test]
+    fn keys_follow_the_design_layout() {
+        let e = EndpointId::new("dynamo", "VllmWorker", "generate");
+        assert_eq!(e.key(0x1f), "baton/dynamo/instances/VllmWorker/generate/1f");
+        assert!(e.key(7).starts_with(&e.prefix()));
+    }
+}
