@@ -1,7 +1,8 @@
-//! The runtime: what every Baton component shares — block hashing, KV event types and
-//! discovery (in-memory today; etcd, the request plane, event plane and work queue come with
-//! the serving-path and distributed-runtime issues).
+//! The runtime: what every Baton component shares — block hashing, KV event types, discovery
+//! and the request plane, each a trait with its in-process implementation today (etcd, NATS,
+//! the event plane and the work queue come with the distributed-runtime issue).
 
 pub mod block_hash;
 pub mod discovery;
 pub mod kv_event;
+pub mod request_plane;

@@ -1,0 +1,179 @@
+//! The request plane: a caller sends one request to an instance's address and reads the
+//! response back as ordered frames (`Data`, `Error`, `End`) carrying sequence numbers
+//! (DESIGN.md §2). Dropping the response stream cancels the request at the worker. A stream
+//! that falls silent without `End` (a dead worker) fails the caller after a timeout.
+//! The in-process implementation serves `baton serve`; NATS comes with the
+//! distributed-runtime issue behind the same trait.
+
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use memory::MemoryRequestPlane;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestPlaneError {
+    #[error("no instance serves address `{0}`")]
+    NoSuchAddress(String),
+    #[error("address `{0}` is already served")]
+    AddressInUse(String),
+    #[error("the worker sent an error: {0}")]
+    Remote(String),
+    #[error("the worker went silent for {0:?} without ending the stream")]
+    Silent(Duration),
+    #[error("the response stream closed without an end frame")]
+    Truncated,
+    #[error("response frame {got} arrived where {expected} was due")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("the request was cancelled")]
+    Cancelled,
+}
+
+pub type Result<T> = std::result::Result<T, RequestPlaneError>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FrameKind {
+    Data(Vec<u8>),
+    Error(String),
+    End,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frame {
+    pub seq: u64,
+    pub kind: FrameKind,
+}
+
+/// The caller's side of one request.
+pub struct ResponseStream {
+    frames: mpsc::Receiver<Frame>,
+    cancel: CancellationToken,
+    silence: Duration,
+    next_seq: u64,
+    done: bool,
+}
+
+impl ResponseStream {
+    pub fn new(
+        frames: mpsc::Receiver<Frame>,
+        cancel: CancellationToken,
+        silence: Duration,
+    ) -> Self {
+        Self {
+            frames,
+            cancel,
+            silence,
+            next_seq: 0,
+            done: false,
+        }
+    }
+
+    /// The next data payload; `None` after `End`. Errors end the stream.
+    pub async fn next(&mut self) -> Option<Result<Vec<u8>>> {
+        if self.done {
+            return None;
+        }
+        let outcome = match tokio::time::timeout(self.silence, self.frames.recv()).await {
+            Err(_) => Err(RequestPlaneError::Silent(self.silence)),
+            Ok(None) => Err(RequestPlaneError::Truncated),
+            Ok(Some(frame)) if frame.seq != self.next_seq => Err(RequestPlaneError::OutOfOrder {
+                expected: self.next_seq,
+                got: frame.seq,
+            }),
+            Ok(Some(frame)) => {
+                self.next_seq += 1;
+                match frame.kind {
+                    FrameKind::Data(bytes) => return Some(Ok(bytes)),
+                    FrameKind::Error(msg) => Err(RequestPlaneError::Remote(msg)),
+                    FrameKind::End => {
+                        self.done = true;
+                        return None;
+                    }
+                }
+            }
+        };
+        self.done = true;
+        self.cancel.cancel();
+        Some(outcome)
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.cancel.cancel();
+        }
+    }
+}
+
+/// The worker's side of one request.
+pub struct ResponseSender {
+    frames: mpsc::Sender<Frame>,
+    cancel: CancellationToken,
+    seq: u64,
+}
+
+impl ResponseSender {
+    pub fn new(frames: mpsc::Sender<Frame>, cancel: CancellationToken) -> Self {
+        Self {
+            frames,
+            cancel,
+            seq: 0,
+        }
+    }
+
+    pub async fn data(&mut self, bytes: Vec<u8>) -> Result<()> {
+        self.send(FrameKind::Data(bytes)).await
+    }
+
+    pub async fn error(mut self, message: String) -> Result<()> {
+        self.send(FrameKind::Error(message)).await
+    }
+
+    pub async fn end(mut self) -> Result<()> {
+        self.send(FrameKind::End).await
+    }
+
+    /// Resolves when the caller cancelled or went away.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    async fn send(&mut self, kind: FrameKind) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            return Err(RequestPlaneError::Cancelled);
+        }
+        let frame = Frame {
+            seq: self.seq,
+            kind,
+        };
+        self.seq += 1;
+        self.frames
+            .send(frame)
+            .await
+            .map_err(|_| RequestPlaneError::Cancelled)
+    }
+}
+
+/// One request as a worker receives it.
+pub struct IncomingRequest {
+    pub payload: Vec<u8>,
+    pub response: ResponseSender,
+}
+
+#[async_trait]
+pub trait RequestPlane: Send + Sync {
+    /// Starts serving `address`; requests arrive on the returned channel until it is dropped.
+    async fn serve(&self, address: &str) -> Result<mpsc::Receiver<IncomingRequest>>;
+
+    async fn request(&self, address: &str, payload: Vec<u8>) -> Result<ResponseStream>;
+}
