@@ -1,0 +1,120 @@
+//! OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}` with the HTTP status
+//! that goes with it. User errors are 4xx and name the offending parameter.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    /// 400 naming the parameter, e.g. `bad_param("temperature", "must be in [0, 2]")`.
+    pub fn bad_param(param: &str, problem: impl std::fmt::Display) -> Self {
+        Self {
+            status: 400,
+            message: format!("`{param}` {problem}"),
+            kind: "invalid_request_error",
+            param: Some(param.into()),
+            code: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self {
+            status: 401,
+            message: "missing or invalid API key".into(),
+            kind: "authentication_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            status: 404,
+            message: format!("the model `{model}` does not exist"),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self {
+            status: 413,
+            message: format!("request body is larger than {limit} bytes"),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: 503,
+            message: message.into(),
+            kind: "service_unavailable",
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&Body {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        })
+        .expect("error body serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_openais_shape() {
+        let e = ApiError::bad_param("top_p", "must be in (0, 1], got 1.5");
+        assert_eq!(e.status, 400);
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["error"]["message"], "`top_p` must be in (0, 1], got 1.5");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "top_p");
+        assert!(v["error"]["code"].is_null());
+        assert_eq!(ApiError::model_not_found("x").status, 404);
+    }
+}

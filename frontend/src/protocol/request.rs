@@ -1,0 +1,237 @@
+//! `/v1/chat/completions` and `/v1/completions` request bodies.
+
+use serde::Deserialize;
+
+/// Fields both endpoints share: sampling, lengths, stop conditions, streaming.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonParams {
+    pub max_tokens: Option<u32>,
+    /// OpenAI's newer name; wins over `max_tokens`.
+    pub max_completion_tokens: Option<u32>,
+    pub min_tokens: Option<u32>,
+    pub ignore_eos: Option<bool>,
+    /// NVIDIA's extension block (Dynamo, genai-perf send `nvext.ignore_eos`).
+    pub nvext: Option<NvExt>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// vLLM's extension; -1 or 0 turn it off.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<StopStrings>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+}
+
+impl CommonParams {
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// Top level or inside `nvext`; either one set to true counts.
+    pub fn ignore_eos(&self) -> bool {
+        self.ignore_eos.unwrap_or(false)
+            || self
+                .nvext
+                .as_ref()
+                .and_then(|n| n.ignore_eos)
+                .unwrap_or(false)
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+
+    pub fn stop_strings(&self) -> Vec<String> {
+        match &self.stop {
+            None => Vec::new(),
+            Some(StopStrings::One(s)) => vec![s.clone()],
+            Some(StopStrings::Many(v)) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NvExt {
+    pub ignore_eos: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum StopStrings {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<u32>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl MessageContent {
+    /// The text the chat template sees: text parts joined by newlines (as vLLM joins them);
+    /// other part types are not supported by a text-only model and are rejected by the caller.
+    pub fn text(&self) -> String {
+        match self {
+            MessageContent::Text(t) => t.clone(),
+            MessageContent::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| match p {
+                    ContentPart::Text { text } => Some(text.as_str()),
+                    ContentPart::Other => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+
+    pub fn has_non_text_parts(&self) -> bool {
+        matches!(self, MessageContent::Parts(p) if p.iter().any(|p| *p == ContentPart::Other))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text {
+        text: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    /// Completions' logprobs is a count of alternatives, not a flag.
+    pub logprobs: Option<u32>,
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// The four shapes OpenAI accepts for `prompt`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+    Texts(Vec<String>),
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::parse;
+
+    #[test]
+    fn chat_content_as_string_or_text_parts() {
+        let r: ChatCompletionRequest = parse(
+            br#"{"model":"m","messages":[
+                {"role":"system","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},
+                {"role":"assistant","content":null}],
+              "some_unknown_field": {"x": 1}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.messages[0].content.as_ref().unwrap().text(), "be brief");
+        assert_eq!(r.messages[1].content.as_ref().unwrap().text(), "a\nb");
+        assert!(r.messages[2].content.is_none());
+        let img: ChatCompletionRequest = parse(
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+        )
+        .unwrap();
+        assert!(img.messages[0]
+            .content
+            .as_ref()
+            .unwrap()
+            .has_non_text_parts());
+    }
+
+    #[test]
+    fn prompt_takes_all_four_shapes() {
+        let shape = |p: &str| {
+            parse::<CompletionRequest>(format!(r#"{{"model":"m","prompt":{p}}}"#).as_bytes())
+                .unwrap()
+                .prompt
+        };
+        assert_eq!(shape(r#""hi""#), Prompt::Text("hi".into()));
+        assert_eq!(shape("[1,2]"), Prompt::Tokens(vec![1, 2]));
+        assert_eq!(
+            shape(r#"["a","b"]"#),
+            Prompt::Texts(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(
+            shape("[[1],[2,3]]"),
+            Prompt::TokenBatches(vec![vec![1], vec![2, 3]])
+        );
+    }
+
+    #[test]
+    fn length_and_eos_rules() {
+        let r: CompletionRequest = parse(
+            br#"{"model":"m","prompt":"x","max_tokens":5,"max_completion_tokens":9,
+                 "nvext":{"ignore_eos":true},"stop":"END","stream":true,
+                 "stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.common.max_tokens(), Some(9), "max_completion_tokens wins");
+        assert!(r.common.ignore_eos(), "nvext.ignore_eos counts");
+        assert_eq!(r.common.stop_strings(), vec!["END".to_string()]);
+        assert!(r.common.stream && r.common.include_usage());
+        let plain: CompletionRequest =
+            parse(br#"{"model":"m","prompt":"x","max_tokens":5}"#).unwrap();
+        assert_eq!(plain.common.max_tokens(), Some(5));
+        assert!(!plain.common.ignore_eos() && !plain.common.include_usage());
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let e =
+            parse::<ChatCompletionRequest>(br#"{"model":"m","messages":[],"temperature":"hot"}"#)
+                .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("temperature"), "{}", e.message);
+        let e = parse::<ChatCompletionRequest>(br#"{"model":"m","messages":[{"content":"x"}]}"#)
+            .unwrap_err();
+        assert!(e.message.contains("messages"), "{}", e.message);
+        let e = parse::<ChatCompletionRequest>(b"{not json").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.starts_with("invalid JSON body"), "{}", e.message);
+    }
+}
