@@ -5,12 +5,12 @@ use tch::{Device, Kind, Tensor};
 
 fn time(name: &str, f: impl Fn() -> Tensor) {
     for _ in 0..3 {
-        f();
+        let _ = f();
     }
     let n = 200;
     let t = Instant::now();
     for _ in 0..n {
-        f();
+        let _ = f();
     }
     println!(
         "{name:<40} {:>8.1} us",

@@ -66,3 +66,12 @@ pub enum EngineError {
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+impl From<runtime::protocol::InvalidParameter> for EngineError {
+    fn from(e: runtime::protocol::InvalidParameter) -> Self {
+        EngineError::InvalidParameter {
+            param: e.param,
+            reason: e.reason,
+        }
+    }
+}

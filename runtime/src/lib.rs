@@ -5,4 +5,5 @@
 pub mod block_hash;
 pub mod discovery;
 pub mod kv_event;
+pub mod protocol;
 pub mod request_plane;

@@ -17,7 +17,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::column;
-use super::params::SamplingParams;
+use super::SamplingParams;
 use crate::error::Result;
 
 /// How many of the likeliest logits the top-k and top-p thresholds are looked for in first. Big

@@ -15,12 +15,11 @@
 //! so a whole vocabulary never crosses to the host.
 
 mod draw;
-mod params;
 mod penalties;
 #[cfg(test)]
 mod tests;
 
-pub use params::{SamplingParams, GREEDY_TEMPERATURE, MAX_LOGPROBS};
+pub use runtime::protocol::{SamplingParams, GREEDY_TEMPERATURE, MAX_LOGPROBS};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -1,6 +1,9 @@
 //! `/v1/chat/completions` and `/v1/completions` request bodies.
 
+use runtime::protocol::SamplingParams;
 use serde::Deserialize;
+
+use crate::ApiError;
 
 /// Fields both endpoints share: sampling, lengths, stop conditions, streaming.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -47,6 +50,46 @@ impl CommonParams {
         self.stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage)
+    }
+
+    /// The engine's parameters for this request, checked with the engine's own ranges.
+    /// `max_tokens` is resolved by the caller (it depends on the prompt and the context);
+    /// `logprobs` is the number of alternatives, if any were asked for.
+    pub fn sampling_params(
+        &self,
+        max_tokens: usize,
+        logprobs: Option<usize>,
+    ) -> Result<SamplingParams, ApiError> {
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => {
+                return Err(ApiError::bad_param(
+                    "top_k",
+                    format!("must be -1 (off) or positive, got {k}"),
+                ))
+            }
+        };
+        let defaults = SamplingParams::default();
+        let params = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            top_k,
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            seed: self.seed,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            logprobs,
+            max_tokens,
+            min_tokens: self.min_tokens.unwrap_or(0) as usize,
+            ignore_eos: self.ignore_eos(),
+            stop_token_ids: Vec::new(),
+        };
+        params
+            .validate()
+            .map_err(|e| ApiError::bad_param(e.param, e.reason))?;
+        Ok(params)
     }
 
     pub fn stop_strings(&self) -> Vec<String> {
@@ -218,6 +261,34 @@ mod tests {
             parse(br#"{"model":"m","prompt":"x","max_tokens":5}"#).unwrap();
         assert_eq!(plain.common.max_tokens(), Some(5));
         assert!(!plain.common.ignore_eos() && !plain.common.include_usage());
+    }
+
+    #[test]
+    fn sampling_params_follow_openai_defaults_and_engine_ranges() {
+        let r: CompletionRequest = parse(
+            br#"{"model":"m","prompt":"x","top_k":-1,"seed":3,"min_tokens":2,"ignore_eos":true}"#,
+        )
+        .unwrap();
+        let p = r.common.sampling_params(10, Some(2)).unwrap();
+        assert_eq!(p.temperature, 1.0, "OpenAI's default temperature");
+        assert_eq!(
+            (p.top_k, p.seed, p.min_tokens, p.max_tokens),
+            (0, Some(3), 2, 10)
+        );
+        assert!(p.ignore_eos);
+        assert_eq!(p.logprobs, Some(2));
+        for (body, param) in [
+            (r#""top_p":1.5"#, "top_p"),
+            (r#""temperature":-1"#, "temperature"),
+            (r#""top_k":-3"#, "top_k"),
+            (r#""min_tokens":11"#, "min_tokens"),
+            (r#""presence_penalty":3"#, "presence_penalty"),
+        ] {
+            let r: CompletionRequest =
+                parse(format!(r#"{{"model":"m","prompt":"x",{body}}}"#).as_bytes()).unwrap();
+            let e = r.common.sampling_params(10, None).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}");
+        }
     }
 
     #[test]

@@ -1,8 +1,16 @@
-//! Per-request sampling parameters, with the OpenAI/vLLM names, defaults and ranges.
+//! Per-request sampling parameters, with the OpenAI/vLLM names, defaults and ranges. They live
+//! in the runtime because the frontend validates them and the engine samples with them: one
+//! definition of each range for both.
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{EngineError, Result};
+/// A sampling parameter out of its range; the message names it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid parameter `{param}`: {reason}")]
+pub struct InvalidParameter {
+    pub param: &'static str,
+    pub reason: String,
+}
 
 /// Below this temperature a request is greedy; vLLM's `_SAMPLING_EPS`. Dividing logits by a
 /// smaller number only overflows towards what argmax already gives.
@@ -77,12 +85,9 @@ impl SamplingParams {
         }
     }
 
-    /// Checks every field, naming the first bad one in
-    /// [`EngineError::InvalidParameter`].
-    pub fn validate(&self) -> Result<()> {
-        let invalid = |param: &'static str, reason: String| {
-            Err(EngineError::InvalidParameter { param, reason })
-        };
+    /// Checks every field, naming the first bad one.
+    pub fn validate(&self) -> Result<(), InvalidParameter> {
+        let invalid = |param: &'static str, reason: String| Err(InvalidParameter { param, reason });
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return invalid(
                 "temperature",
@@ -145,7 +150,7 @@ impl SamplingParams {
     }
 
     /// Whether the presence or frequency penalty is on; both count the output tokens.
-    pub(crate) fn has_output_penalties(&self) -> bool {
+    pub fn has_output_penalties(&self) -> bool {
         self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
@@ -156,7 +161,7 @@ mod tests {
 
     fn rejected_param(params: SamplingParams) -> &'static str {
         match params.validate() {
-            Err(EngineError::InvalidParameter { param, .. }) => param,
+            Err(InvalidParameter { param, .. }) => param,
             other => panic!("expected InvalidParameter, got {other:?}"),
         }
     }
