@@ -34,22 +34,7 @@ pub struct Request {
     pub params: SamplingParams,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// EOS or a stop token.
-    Stop,
-    /// `max_tokens` or the context limit.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
+pub use runtime::protocol::FinishReason;
 
 /// What one step produced for one request.
 #[derive(Clone, Debug)]

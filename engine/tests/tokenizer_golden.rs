@@ -157,6 +157,7 @@ fn incremental_detokenization_equals_full_decode() {
     let golden = golden();
     let card = card();
     let tok = &card.tokenizer;
+    let shared = std::sync::Arc::new(tok.clone());
     let context = tok
         .encode("Say something:", false)
         .expect("encodes")
@@ -168,7 +169,7 @@ fn incremental_detokenization_equals_full_decode() {
         let ids = tok.encode(text, false).expect("encodes").get_ids().to_vec();
         let full = tok.decode(&ids, true).expect("decodes");
         for ctx in [&[][..], &context[..]] {
-            let mut detok = processor::Detokenizer::new(tok, ctx, true);
+            let mut detok = processor::Detokenizer::new(shared.clone(), ctx, true);
             let mut out = String::new();
             for &id in &ids {
                 let delta = detok.push(id).expect("detokenizes");

@@ -4,6 +4,8 @@
 //! ending at the new token and emits only what the window adds over its previous decode —
 //! the prefix/read offset scheme of TGI and vLLM.
 
+use std::sync::Arc;
+
 use tokenizers::Tokenizer;
 
 /// Tokens of context before the first new token (enough for any merge or space rule).
@@ -13,8 +15,9 @@ const CONTEXT_TOKENS: usize = 5;
 #[error("detokenization failed: {0}")]
 pub struct DetokenizeError(String);
 
-pub struct Detokenizer<'t> {
-    tokenizer: &'t Tokenizer,
+/// Owns a handle on the tokenizer so a response stream can carry it across await points.
+pub struct Detokenizer {
+    tokenizer: Arc<Tokenizer>,
     skip_special_tokens: bool,
     ids: Vec<u32>,
     /// Start of the decode window.
@@ -23,9 +26,9 @@ pub struct Detokenizer<'t> {
     read_offset: usize,
 }
 
-impl<'t> Detokenizer<'t> {
+impl Detokenizer {
     /// `context`: the prompt (or its tail); its text is never emitted.
-    pub fn new(tokenizer: &'t Tokenizer, context: &[u32], skip_special_tokens: bool) -> Self {
+    pub fn new(tokenizer: Arc<Tokenizer>, context: &[u32], skip_special_tokens: bool) -> Self {
         let tail = &context[context.len().saturating_sub(CONTEXT_TOKENS)..];
         Self {
             tokenizer,

@@ -148,6 +148,11 @@ impl ResponseSender {
         self.cancel.is_cancelled()
     }
 
+    /// A handle on the cancellation, for waiting on it while sending.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
     async fn send(&mut self, kind: FrameKind) -> Result<()> {
         if self.cancel.is_cancelled() {
             return Err(RequestPlaneError::Cancelled);
