@@ -1,7 +1,9 @@
-//! `baton`: the binary. Today it runs the engine directly (`baton generate`); `serve` and
-//! `run <component>` arrive with the serving-path and runtime issues.
+//! `baton`: the binary. `serve` runs the whole graph in one process (OpenAI frontend on port
+//! 8000, in-process workers); `generate` runs one prompt through the engine directly.
+//! `run <component>` arrives with the distributed-runtime issue.
 
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -16,19 +18,27 @@ struct Cli {
 enum Command {
     /// Generate a completion for one prompt with the engine in this process.
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI API with the whole graph in this process.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // A server reports its progress; a one-shot command only its problems.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        Command::Generate(_) => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

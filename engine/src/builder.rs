@@ -101,12 +101,17 @@ impl EngineOptions {
 /// Takes the weights into a model on `opts.device` and returns the engine and the card.
 pub fn build_engine(loaded: LoadedModel, opts: &EngineOptions) -> Result<(Engine, ModelCard)> {
     opts.check()?;
-    let LoadedModel { card, mut weights } = loaded;
+    let LoadedModel {
+        mut card,
+        mut weights,
+    } = loaded;
     let model = Llama::new(&card.config, &mut weights, opts.kind, opts.device)?;
     let max_context = opts
         .max_model_len
         .map_or(card.max_context, |m| m.min(card.max_context))
         .min(card.config.max_position_embeddings);
+    // The card reports what this engine accepts, so the frontend checks the same limit.
+    card.max_context = max_context;
     let num_blocks = opts.num_blocks.unwrap_or_else(|| {
         let per_block = KvCache::bytes_per_block(&card.config, opts.block_size, opts.kind);
         (opts.kv_cache_bytes / per_block).max(1)

@@ -89,6 +89,27 @@ impl ApiError {
         }
     }
 
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: 404,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    /// 500: Baton's fault (a worker failed), never the client's.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: 500,
+            message: message.into(),
+            kind: "internal_error",
+            param: None,
+            code: None,
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(&Body {
             error: Inner {
@@ -116,5 +137,18 @@ mod tests {
         assert_eq!(v["error"]["param"], "top_p");
         assert!(v["error"]["code"].is_null());
         assert_eq!(ApiError::model_not_found("x").status, 404);
+    }
+}
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        let status = axum::http::StatusCode::from_u16(self.status)
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            self.to_json(),
+        )
+            .into_response()
     }
 }

@@ -1,9 +1,19 @@
-//! The frontend is where a request enters Baton: an OpenAI-compatible HTTP API whose requests
-//! go to the processor (tokenize, template) and the router, and whose responses stream back as
-//! OpenAI chunks. Today it holds the wire protocol — request parsing with OpenAI's and vLLM's
-//! field rules, and the error shape; the axum server comes with the rest of the serving path.
+//! The frontend is where a request enters Baton: an OpenAI-compatible HTTP API (axum) whose
+//! requests go through the processor (tokenize, chat template) to the router, which picks a
+//! worker; the worker's token stream comes back through the processor (detokenize, stop
+//! strings) and leaves as OpenAI JSON or server-sent-event chunks. Metrics, health, auth and
+//! admission limits live here too.
 
 pub mod error;
+pub mod generation;
+pub mod metrics;
 pub mod protocol;
+mod routes;
+pub mod server;
+pub mod state;
 
 pub use error::ApiError;
+pub use metrics::Metrics;
+pub use routes::app;
+pub use server::{bind, serve, ServeError};
+pub use state::{AppState, FrontendConfig, LoadSource};

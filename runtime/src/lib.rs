@@ -3,6 +3,7 @@
 //! the event plane and the work queue come with the distributed-runtime issue).
 
 pub mod block_hash;
+pub mod config;
 pub mod discovery;
 pub mod kv_event;
 pub mod protocol;

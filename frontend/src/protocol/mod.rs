@@ -3,10 +3,17 @@
 //! strict about types: a wrongly typed field is a 400 that names it.
 
 pub mod request;
+pub mod response;
 
 pub use request::{
     ChatCompletionRequest, CommonParams, CompletionRequest, ContentPart, Message, MessageContent,
     Prompt, StopStrings, StreamOptions,
+};
+pub use response::{
+    sse_data, unix_now, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob, Completion, CompletionChoice,
+    CompletionChunk, CompletionLogprobs, ModelList, ModelObject, PromptTokensDetails, TopLogprob,
+    TopLogprobMap, Usage, UsageField,
 };
 
 use serde::de::DeserializeOwned;

@@ -1,0 +1,315 @@
+//! `baton serve`: the whole graph in one process — frontend, processor and router, and
+//! `--workers` engine workers — joined by the in-process discovery and request plane. With
+//! `-f CONFIG` the seed's YAML shape supplies what flags do not.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use decode_worker::{worker_endpoint, DecodeWorker, EngineHost};
+use engine::{build_engine, loader, parse_device, parse_kind, EngineOptions, ModelCard};
+use frontend::{AppState, FrontendConfig, LoadSource};
+use processor::{ChatTemplate, ServedModel};
+use router::{policy_from_name, Router};
+use runtime::config::GraphConfig;
+use runtime::discovery::MemoryDiscovery;
+use runtime::protocol::WorkerLoad;
+use runtime::request_plane::MemoryRequestPlane;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Graph config in the seed's YAML shape (`Frontend:`, `Processor:`, `VllmWorker:`, `Baton:`).
+    #[arg(short = 'f', long = "config", env = "BATON_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "BATON_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// HTTP port [default: `Frontend.port`, else 8000]; 0 picks a free one.
+    #[arg(long, env = "BATON_PORT")]
+    port: Option<u16>,
+    /// A GGUF file, a Hugging Face folder, or `smollm2` [default: `Baton.model`, else
+    /// `VllmWorker.model`, else smollm2].
+    #[arg(long, env = "BATON_MODEL")]
+    model: Option<String>,
+    /// The name clients send as `model` [default: `Frontend.served_model_name`, else the model].
+    #[arg(long, env = "BATON_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Require `Authorization: Bearer <key>` on /v1 routes.
+    #[arg(long, env = "BATON_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    #[arg(long, env = "BATON_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Requests in flight at once; more get 503 at once.
+    #[arg(long, env = "BATON_MAX_INFLIGHT", default_value_t = 1024)]
+    max_inflight: usize,
+    /// Engine workers in this process [default: `VllmWorker.ServiceArgs.workers`, else 1]; 0
+    /// serves the frontend alone (it answers 503 until a worker registers).
+    #[arg(long, env = "BATON_WORKERS")]
+    workers: Option<usize>,
+    /// Routing policy: round-robin or random [default: `Processor.router`, else round-robin].
+    #[arg(long, env = "BATON_ROUTER")]
+    router: Option<String>,
+    /// Compute dtype: bf16 (fast on CPU) or f32.
+    #[arg(long, env = "BATON_DTYPE")]
+    dtype: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "BATON_DEVICE")]
+    device: Option<String>,
+    /// KV cache size in blocks [default: what fits in --kv-cache-mib].
+    #[arg(long, env = "BATON_NUM_KV_BLOCKS")]
+    num_kv_blocks: Option<usize>,
+    #[arg(long, env = "BATON_KV_CACHE_MIB", default_value_t = 1024)]
+    kv_cache_mib: usize,
+    /// Tokens per KV block [default: `VllmWorker.block-size`, else 128].
+    #[arg(long, env = "BATON_BLOCK_SIZE")]
+    block_size: Option<usize>,
+    #[arg(long, env = "BATON_MAX_NUM_SEQS")]
+    max_num_seqs: Option<usize>,
+    #[arg(long, env = "BATON_MAX_NUM_BATCHED_TOKENS")]
+    max_num_batched_tokens: Option<usize>,
+    /// Caps the model's context (prompt + output).
+    #[arg(long, env = "BATON_MAX_MODEL_LEN")]
+    max_model_len: Option<usize>,
+    #[arg(long, env = "BATON_NO_PREFIX_CACHING")]
+    no_prefix_caching: bool,
+    /// Seconds Ctrl-C waits for in-flight requests before ending them with an error.
+    #[arg(long, env = "BATON_DRAIN_TIMEOUT", default_value_t = 30)]
+    drain_timeout: u64,
+    /// Seconds a response may stay silent before the frontend gives up on its worker.
+    #[arg(long, env = "BATON_STREAM_TIMEOUT", default_value_t = 600)]
+    stream_timeout: u64,
+}
+
+/// Settings after flags, config and defaults are merged (flags win).
+struct Resolved {
+    model: String,
+    served_model_name: String,
+    port: u16,
+    workers: usize,
+    policy: String,
+    engine: EngineOptions,
+}
+
+fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
+    let baton = config.baton.clone().unwrap_or_default();
+    let worker = config.vllm_worker.clone().unwrap_or_default();
+    let processor = config.processor.clone().unwrap_or_default();
+    let frontend = config.frontend.clone().unwrap_or_default();
+    let model = args
+        .model
+        .clone()
+        .or(baton.model)
+        .or(worker.model.clone())
+        .unwrap_or_else(|| "smollm2".to_string());
+    let served_model_name = args
+        .served_model_name
+        .clone()
+        .or(frontend.served_model_name)
+        .unwrap_or_else(|| model.clone());
+    let dtype = args.dtype.clone().or(baton.dtype).unwrap_or("bf16".into());
+    let kind = parse_kind(&dtype)
+        .with_context(|| format!("unknown `--dtype` {dtype:?} (use bf16, f16 or f32)"))?;
+    let device = parse_device(&args.device.clone().or(baton.device).unwrap_or("cpu".into()))?;
+    let defaults = EngineOptions::default();
+    let engine = EngineOptions {
+        kind,
+        device,
+        block_size: args
+            .block_size
+            .or(worker.block_size)
+            .or(processor.block_size)
+            .unwrap_or(defaults.block_size),
+        num_blocks: args.num_kv_blocks,
+        kv_cache_bytes: args.kv_cache_mib << 20,
+        max_num_seqs: args
+            .max_num_seqs
+            .or(worker.max_num_seqs)
+            .unwrap_or(defaults.max_num_seqs),
+        max_num_batched_tokens: args
+            .max_num_batched_tokens
+            .or(worker.max_num_batched_tokens)
+            .unwrap_or(defaults.max_num_batched_tokens),
+        enable_prefix_caching: !args.no_prefix_caching
+            && worker.enable_prefix_caching.unwrap_or(true),
+        max_model_len: args
+            .max_model_len
+            .or(worker.max_model_len)
+            .or(processor.max_model_len),
+    };
+    Ok(Resolved {
+        model,
+        served_model_name,
+        port: args.port.or(frontend.port).unwrap_or(8000),
+        workers: args
+            .workers
+            .or(worker.service_args.and_then(|s| s.workers))
+            .unwrap_or(1),
+        policy: args
+            .router
+            .clone()
+            .or(processor.router)
+            .unwrap_or_else(|| "round-robin".to_string()),
+        engine,
+    })
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(path) => {
+            let (config, warnings) = GraphConfig::load(path)?;
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            config
+        }
+        None => GraphConfig::default(),
+    };
+    let settings = resolve(&args, &config)?;
+    let policy = policy_from_name(&settings.policy)?;
+
+    let discovery = MemoryDiscovery::new();
+    let plane = Arc::new(MemoryRequestPlane::new(Duration::from_secs(
+        args.stream_timeout,
+    )));
+    let endpoint = worker_endpoint("baton");
+    let router = Router::new(&discovery, plane.clone(), endpoint.clone(), policy).await?;
+
+    let mut card = None;
+    let mut workers = Vec::new();
+    // The frontend needs the tokenizer even with no worker here, so the model loads once anyway.
+    for i in 0..settings.workers.max(1) {
+        let (engine, c) = load_engine(&settings, i).await?;
+        card.get_or_insert(c);
+        if i < settings.workers {
+            let host = EngineHost::start(engine, &format!("engine-{i}"))?;
+            let worker = DecodeWorker::start(
+                host,
+                &discovery,
+                plane.clone(),
+                endpoint.clone(),
+                &settings.served_model_name,
+            )
+            .await?;
+            workers.push(worker);
+        }
+    }
+    let card = card.expect("at least one model was loaded");
+    let model = Arc::new(served_model(&card, &settings.served_model_name)?);
+
+    let hosts: Vec<(u64, Arc<EngineHost>)> = workers
+        .iter()
+        .map(|w| (w.instance_id(), w.host().clone()))
+        .collect();
+    let loads: LoadSource = Arc::new(move || {
+        hosts
+            .iter()
+            .map(|(id, host)| WorkerLoad {
+                instance_id: *id,
+                ..host.load()
+            })
+            .collect()
+    });
+    let frontend_config = FrontendConfig {
+        addr: SocketAddr::new(args.host, settings.port),
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        max_body_bytes: args.max_body_bytes,
+        max_inflight: args.max_inflight,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+    };
+    if frontend_config.max_inflight == 0 {
+        bail!("`--max-inflight` must be at least 1");
+    }
+    let state = Arc::new(AppState::new(
+        model,
+        Arc::new(router),
+        frontend_config,
+        loads,
+    ));
+    let listener = frontend::bind(&state).await?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(
+        model = %settings.model,
+        served_model_name = %settings.served_model_name,
+        workers = settings.workers,
+        router = %settings.policy,
+        "ready"
+    );
+    // Scripts and tests wait for this line.
+    println!("baton: listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+
+    frontend::serve(state, listener, shutdown_signal()).await?;
+    for worker in workers {
+        worker.stop();
+    }
+    eprintln!("baton: stopped");
+    Ok(())
+}
+
+async fn load_engine(settings: &Resolved, index: usize) -> Result<(engine::Engine, ModelCard)> {
+    let model = settings.model.clone();
+    let opts = settings.engine.clone();
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message(format!("loading {model} (worker {index})"));
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let built = tokio::task::spawn_blocking(move || {
+        let loaded = loader::load(&model).with_context(|| format!("loading `{model}`"))?;
+        build_engine(loaded, &opts).map_err(anyhow::Error::from)
+    })
+    .await
+    .context("the model loading task failed")?;
+    spinner.finish_and_clear();
+    built
+}
+
+fn served_model(card: &ModelCard, name: &str) -> Result<ServedModel> {
+    let token = |id: Option<u32>| id.and_then(|i| card.tokenizer.id_to_token(i));
+    let chat_template = card
+        .chat_template
+        .as_deref()
+        .map(|t| {
+            ChatTemplate::new(
+                t,
+                token(card.bos_token_id),
+                token(card.eos_token_ids.first().copied()),
+            )
+        })
+        .transpose()?;
+    Ok(ServedModel {
+        name: name.to_string(),
+        tokenizer: Arc::new(card.tokenizer.clone()),
+        chat_template,
+        eos_token_ids: card.eos_token_ids.clone(),
+        add_bos_token: card.add_bos_token,
+        max_context: card.max_context,
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,135 @@
+//! The HTTP routes and what they share: body limits, auth, model check, length rules.
+
+mod chat;
+mod completions;
+mod logprobs;
+mod status;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use processor::PromptError;
+use runtime::protocol::SamplingParams;
+
+use crate::error::ApiError;
+use crate::protocol::CommonParams;
+use crate::state::AppState;
+
+/// Most choices one request may ask for (`n`); vLLM has no limit, but each is a full sequence.
+const MAX_CHOICES: u32 = 128;
+
+pub fn app(state: Arc<AppState>) -> axum::Router {
+    let api = axum::Router::new()
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/completions", post(completions::handle))
+        .route("/v1/models", get(status::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    axum::Router::new()
+        .merge(api)
+        .route("/health", get(status::health))
+        .route("/live", get(status::live))
+        .route("/metrics", get(status::metrics))
+        .fallback(|| async { ApiError::not_found("no such route").into_response() })
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .with_state(state)
+}
+
+async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.config.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The body, or 413 (over `--max-body-bytes`) / 400 in OpenAI's error shape.
+fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.config.max_body_bytes)
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {rejection}"))
+        }
+    })
+}
+
+fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+    if model == state.model.name {
+        Ok(())
+    } else {
+        Err(ApiError::model_not_found(model))
+    }
+}
+
+fn prompt_error(param: &str, e: PromptError) -> ApiError {
+    match e {
+        PromptError::Tokenize(_) => ApiError::internal(e.to_string()),
+        other => ApiError::bad_param(param, other),
+    }
+}
+
+/// `max_tokens` for a prompt: what the client asked, or the rest of the context; the prompt
+/// plus it must fit the context (checked here, before any worker is involved).
+fn max_tokens(
+    state: &AppState,
+    prompt_len: usize,
+    asked: Option<u32>,
+    default: Option<usize>,
+    prompt_param: &str,
+) -> Result<usize, ApiError> {
+    let context = state.model.max_context;
+    if prompt_len >= context {
+        return Err(ApiError::bad_param(
+            prompt_param,
+            format!("has {prompt_len} tokens; the model's context is {context} tokens"),
+        ));
+    }
+    let room = context - prompt_len;
+    match asked.map(|m| m as usize).or(default) {
+        None => Ok(room),
+        Some(m) if m > room => Err(ApiError::bad_param(
+            "max_tokens",
+            format!(
+                "{m} plus the prompt's {prompt_len} tokens exceeds the model's context of \
+                 {context} tokens"
+            ),
+        )),
+        Some(m) => Ok(m.min(room)),
+    }
+}
+
+fn choices(common: &CommonParams) -> Result<u32, ApiError> {
+    match common.n.unwrap_or(1) {
+        0 => Err(ApiError::bad_param("n", "must be at least 1")),
+        n if n > MAX_CHOICES => Err(ApiError::bad_param(
+            "n",
+            format!("must be at most {MAX_CHOICES}, got {n}"),
+        )),
+        n => Ok(n),
+    }
+}
+
+/// Choice `i`'s parameters: with a seed, each choice gets its own (else n samples would be
+/// identical), and choice 0 keeps the seed the client gave.
+fn for_choice(params: &SamplingParams, i: u32) -> SamplingParams {
+    SamplingParams {
+        seed: params.seed.map(|s| s.wrapping_add(i as u64)),
+        ..params.clone()
+    }
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}

@@ -1,0 +1,185 @@
+//! Graph configs in the seed's YAML shape (DESIGN.md §7): `Frontend`, `Processor`, `Router`,
+//! `VllmWorker`, `PrefillWorker`, plus Baton's own `Baton` section. Keys are accepted as the
+//! seed writes them (kebab-case for workers); an unknown key is a warning, a wrongly typed one
+//! an error that names it.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config `{path}`: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config `{path}` is not valid YAML: {reason}")]
+    Yaml { path: String, reason: String },
+    #[error("config `{path}`: key `{key}` is invalid: {reason}")]
+    Key {
+        path: String,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct GraphConfig {
+    pub frontend: Option<FrontendSection>,
+    pub processor: Option<ProcessorSection>,
+    pub router: Option<serde_yaml::Value>,
+    pub vllm_worker: Option<WorkerSection>,
+    pub prefill_worker: Option<WorkerSection>,
+    pub baton: Option<BatonSection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct FrontendSection {
+    pub served_model_name: Option<String>,
+    /// Dynamo's internal route (`dynamo.Processor.chat/completions`); Baton serves the
+    /// OpenAI routes directly, so it is read and ignored.
+    pub endpoint: Option<String>,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ProcessorSection {
+    pub model: Option<String>,
+    /// Routing policy name (`round-robin`, `random`, `kv`).
+    pub router: Option<String>,
+    pub block_size: Option<usize>,
+    pub max_model_len: Option<usize>,
+}
+
+/// A worker section; the disaggregation keys are read now and used by later components.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct WorkerSection {
+    pub model: Option<String>,
+    pub kv_transfer_config: Option<String>,
+    pub block_size: Option<usize>,
+    pub max_model_len: Option<usize>,
+    pub max_num_batched_tokens: Option<usize>,
+    pub max_num_seqs: Option<usize>,
+    pub remote_prefill: Option<bool>,
+    pub conditional_disagg: Option<bool>,
+    pub max_local_prefill_length: Option<usize>,
+    pub max_prefill_queue_size: Option<usize>,
+    pub tensor_parallel_size: Option<usize>,
+    pub enable_prefix_caching: Option<bool>,
+    pub router: Option<String>,
+    #[serde(rename = "ServiceArgs")]
+    pub service_args: Option<ServiceArgs>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ServiceArgs {
+    pub workers: Option<usize>,
+    pub resources: Option<serde_yaml::Value>,
+}
+
+/// Baton's own keys: what runs the graph here rather than what the seed describes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BatonSection {
+    /// Overrides the workers' `model` (e.g. `smollm2` to run a seed config on CPU).
+    pub model: Option<String>,
+    pub namespace: Option<String>,
+    pub dtype: Option<String>,
+    pub device: Option<String>,
+}
+
+impl GraphConfig {
+    /// Reads `path`; returns the config and a warning per unknown key.
+    pub fn load(path: &Path) -> Result<(Self, Vec<String>), ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: name.clone(),
+            source,
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    pub fn parse(text: &str, name: &str) -> Result<(Self, Vec<String>), ConfigError> {
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
+                path: name.to_string(),
+                reason: e.to_string(),
+            })?;
+        if value.is_null() {
+            return Ok((Self::default(), Vec::new()));
+        }
+        let mut unknown = Vec::new();
+        let mut track = serde_path_to_error::Track::new();
+        let deserializer = serde_path_to_error::Deserializer::new(value, &mut track);
+        let config = serde_ignored::deserialize(deserializer, |path| {
+            // `?` marks an `Option` level in serde_ignored's path; users never wrote it.
+            let key = path.to_string().replace(".?", "");
+            unknown.push(format!("config `{name}`: unknown key `{key}` is ignored"))
+        })
+        .map_err(|e: serde_yaml::Error| ConfigError::Key {
+            path: name.to_string(),
+            key: track.path().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok((config, unknown))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+Frontend:
+  served_model_name: neuralmagic/DeepSeek-R1-Distill-Llama-70B-FP8-dynamic
+  endpoint: dynamo.Processor.chat/completions
+  port: 8000
+Processor:
+  model: neuralmagic/DeepSeek-R1-Distill-Llama-70B-FP8-dynamic
+  router: round-robin
+VllmWorker:
+  model: neuralmagic/DeepSeek-R1-Distill-Llama-70B-FP8-dynamic
+  kv-transfer-config: '{"kv_connector":"DynamoNixlConnector"}'
+  block-size: 128
+  max-model-len: 16384
+  remote-prefill: true
+  conditional-disagg: true
+  max-local-prefill-length: 10
+  max-prefill-queue-size: 2
+  tensor-parallel-size: 4
+  ServiceArgs:
+    workers: 1
+    resources:
+      gpu: 4
+"#;
+
+    #[test]
+    fn seed_config_parses_without_warnings() {
+        let (c, warnings) = GraphConfig::parse(SEED, "disagg.yaml").unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let f = c.frontend.unwrap();
+        assert_eq!(f.port, Some(8000));
+        let w = c.vllm_worker.unwrap();
+        assert_eq!(w.max_local_prefill_length, Some(10));
+        assert_eq!(w.service_args.unwrap().workers, Some(1));
+        assert_eq!(c.processor.unwrap().router.as_deref(), Some("round-robin"));
+    }
+
+    #[test]
+    fn unknown_keys_warn_and_wrong_types_name_the_key() {
+        let (_, warnings) =
+            GraphConfig::parse("Frontend:\n  port: 1\n  colour: red\nExtra: 1\n", "x").unwrap();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings.iter().any(|w| w.contains("Frontend.colour")),
+            "{warnings:?}"
+        );
+        let e = GraphConfig::parse("Frontend:\n  port: eighty\n", "x").unwrap_err();
+        assert!(e.to_string().contains("Frontend.port"), "{e}");
+    }
+}
