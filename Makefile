@@ -11,9 +11,9 @@ setup:
 build: setup
 	cargo build --release -p baton
 
-# Until the serving path lands, `serve` runs one sample prompt through the engine.
+# The OpenAI API on 127.0.0.1:8000 with SmolLM2 on CPU; extra flags through ARGS="...".
 serve: build
-	./target/release/baton generate --model smollm2 --chat --prompt "What is the capital of France?"
+	./target/release/baton serve $(ARGS)
 
 test: setup
 	cargo test --workspace --release --no-fail-fast
