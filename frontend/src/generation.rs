@@ -198,7 +198,7 @@ impl Tally {
 
     pub fn add(&mut self, index: u32, usage: &ChoiceUsage) {
         self.completion_tokens += usage.completion_tokens;
-        if index % self.per_prompt == 0 {
+        if index.is_multiple_of(self.per_prompt) {
             self.prompt_tokens += usage.prompt_tokens;
             self.cached_tokens += usage.cached_tokens;
         }

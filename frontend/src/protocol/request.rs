@@ -161,7 +161,7 @@ impl MessageContent {
     }
 
     pub fn has_non_text_parts(&self) -> bool {
-        matches!(self, MessageContent::Parts(p) if p.iter().any(|p| *p == ContentPart::Other))
+        matches!(self, MessageContent::Parts(p) if p.contains(&ContentPart::Other))
     }
 }
 

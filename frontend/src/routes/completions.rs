@@ -237,7 +237,7 @@ impl Writer {
             self.created,
             self.model.name.clone(),
             vec![choice],
-            self.usage.clone(),
+            self.usage,
         ))
     }
 }
