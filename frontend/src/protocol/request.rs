@@ -92,7 +92,12 @@ impl CommonParams {
         Ok(params)
     }
 
+    /// The stop strings in force: none under `ignore_eos`, which asks for exactly
+    /// `max_tokens` tokens (what benchmarks rely on).
     pub fn stop_strings(&self) -> Vec<String> {
+        if self.ignore_eos() {
+            return Vec::new();
+        }
         match &self.stop {
             None => Vec::new(),
             Some(StopStrings::One(s)) => vec![s.clone()],
@@ -255,10 +260,11 @@ mod tests {
         .unwrap();
         assert_eq!(r.common.max_tokens(), Some(9), "max_completion_tokens wins");
         assert!(r.common.ignore_eos(), "nvext.ignore_eos counts");
-        assert_eq!(r.common.stop_strings(), vec!["END".to_string()]);
+        assert!(r.common.stop_strings().is_empty(), "ignore_eos clears stop strings");
         assert!(r.common.stream && r.common.include_usage());
         let plain: CompletionRequest =
-            parse(br#"{"model":"m","prompt":"x","max_tokens":5}"#).unwrap();
+            parse(br#"{"model":"m","prompt":"x","max_tokens":5,"stop":"END"}"#).unwrap();
+        assert_eq!(plain.common.stop_strings(), vec!["END".to_string()]);
         assert_eq!(plain.common.max_tokens(), Some(5));
         assert!(!plain.common.ignore_eos() && !plain.common.include_usage());
     }

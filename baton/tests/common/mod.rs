@@ -1,0 +1,519 @@
+//! Real `baton serve` child processes for the HTTP tests, and the small HTTP/SSE helpers the
+//! tests share.
+//!
+//! Each server configuration starts once per test binary. The child is spawned from a
+//! dedicated thread that never exits, with `PR_SET_PDEATHSIG = SIGKILL`, so a child dies with
+//! the test process however that ends (Linux sends the signal when the spawning *thread* exits).
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The served model name every server uses.
+pub const MODEL: &str = "smollm2";
+
+/// How long a server may take to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running `baton serve`.
+pub struct Server {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    /// Where the child's stderr (its logs) goes.
+    pub log: PathBuf,
+    /// The child's process id.
+    pub pid: u32,
+}
+
+impl Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// The last lines of the server's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+}
+
+fn log_tail(path: &PathBuf) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(40);
+    format!(
+        "--- last lines of {} ---\n{}",
+        path.display(),
+        lines[from..].join("\n")
+    )
+}
+
+type Ready = Result<(String, u32), String>;
+
+fn fail(tx: &mpsc::Sender<Ready>, msg: String) -> ! {
+    let _ = tx.send(Err(msg));
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Starts `baton serve --port 0 ARGS` on a thread that lives as long as the test process and
+/// waits for its listening line. The receiver gets the child's exit status, should it exit.
+pub fn spawn_server(
+    name: &'static str,
+    args: &'static [&'static str],
+) -> Result<(Server, mpsc::Receiver<std::process::ExitStatus>), String> {
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("serve_http-{name}-{}.log", std::process::id()));
+    let (tx, rx) = mpsc::channel::<Ready>();
+    let (exit_tx, exit_rx) = mpsc::channel();
+    let thread_log = log.clone();
+    std::thread::Builder::new()
+        .name(format!("baton-serve-{name}"))
+        .spawn(move || {
+            let stderr = match File::create(&thread_log) {
+                Ok(f) => f,
+                Err(e) => fail(&tx, format!("creating {}: {e}", thread_log.display())),
+            };
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+            cmd.arg("serve")
+                .args(["--host", "127.0.0.1", "--port", "0"])
+                .args(args)
+                .env_remove("LD_LIBRARY_PATH")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(stderr));
+            // Settings from the environment would change what the tests expect.
+            for (k, _) in std::env::vars_os() {
+                if k.to_string_lossy().starts_with("BATON_") {
+                    cmd.env_remove(k);
+                }
+            }
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => fail(&tx, format!("spawning baton serve: {e}")),
+            };
+            let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+            let mut seen = Vec::new();
+            let mut sent = false;
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("baton: listening on ") {
+                    let _ = tx.send(Ok((url.trim().to_string(), child.id())));
+                    sent = true;
+                    break;
+                }
+                seen.push(line);
+            }
+            if !sent {
+                let status = child.wait();
+                fail(
+                    &tx,
+                    format!(
+                        "baton serve ({name}) ended without its listening line ({status:?}); \
+                         stdout: {seen:?}\n{}",
+                        log_tail(&thread_log)
+                    ),
+                );
+            }
+            // Keep draining stdout (it should stay silent), reap the child, and stay alive
+            // forever: the death signal is tied to this thread.
+            for _ in lines {}
+            if let Ok(status) = child.wait() {
+                let _ = exit_tx.send(status);
+            }
+            loop {
+                std::thread::park();
+            }
+        })
+        .map_err(|e| format!("spawning the server thread: {e}"))?;
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(Ok((base, pid))) => {
+            if !base.starts_with("http://127.0.0.1:") {
+                return Err(format!("unexpected listening line: {base}"));
+            }
+            Ok((Server { base, log, pid }, exit_rx))
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!(
+            "baton serve ({name}) did not print its listening line within {START_TIMEOUT:?}\n{}",
+            log_tail(&log)
+        )),
+    }
+}
+
+fn get(
+    cell: &'static OnceLock<Result<Server, String>>,
+    name: &'static str,
+    args: &'static [&'static str],
+) -> &'static Server {
+    match cell.get_or_init(|| spawn_server(name, args).map(|(s, _)| s)) {
+        Ok(s) => s,
+        Err(e) => panic!("server {name} failed to start: {e}"),
+    }
+}
+
+/// (A) The shared main server: tests run on it concurrently.
+pub fn main_server() -> &'static Server {
+    static S: OnceLock<Result<Server, String>> = OnceLock::new();
+    get(&S, "main", &["--num-kv-blocks", "128"])
+}
+
+/// (B) An API key, a 4 KiB body limit and one request in flight at most.
+pub fn limited_server() -> &'static Server {
+    static S: OnceLock<Result<Server, String>> = OnceLock::new();
+    get(
+        &S,
+        "limited",
+        &[
+            "--num-kv-blocks",
+            "96",
+            "--api-key",
+            "secret",
+            "--max-body-bytes",
+            "4096",
+            "--max-inflight",
+            "1",
+        ],
+    )
+}
+
+/// (C) The frontend alone, no engine worker.
+pub fn workerless_server() -> &'static Server {
+    static S: OnceLock<Result<Server, String>> = OnceLock::new();
+    get(&S, "workerless", &["--workers", "0"])
+}
+
+/// (D) A quiet server for tests that need the engine to themselves: exact greedy comparisons
+/// (batch composition changes bf16 numerics), prefix-cache hits, and KV accounting. Tests on
+/// it hold [`quiet_lock`] for their whole run.
+pub fn quiet_server() -> &'static Server {
+    static S: OnceLock<Result<Server, String>> = OnceLock::new();
+    get(&S, "quiet", &["--num-kv-blocks", "96"])
+}
+
+/// Serializes the tests of the quiet server (D).
+pub static QUIET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Serializes the tests of the limited server (B): it admits one request at a time.
+pub static LIMITED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("reqwest client")
+}
+
+/// POSTs JSON; returns the status and the body parsed as JSON (Value::Null plus the raw text
+/// in an `{"_raw": ...}` object when it is not JSON).
+pub async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let resp = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url} failed: {e}"));
+    read_json(resp).await
+}
+
+pub async fn read_json(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("response body");
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "_raw": text }));
+    (status, v)
+}
+
+pub async fn get_text(client: &reqwest::Client, url: &str) -> (u16, String) {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url} failed: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("response body"))
+}
+
+/// Asserts an OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
+pub fn assert_openai_error(body: &Value, context: &str) {
+    let e = &body["error"];
+    assert!(e.is_object(), "{context}: not an OpenAI error body: {body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{context}: error without a message: {body}"
+    );
+    assert!(
+        e["type"].is_string(),
+        "{context}: error without a type: {body}"
+    );
+    let o = e.as_object().unwrap();
+    assert!(
+        o.contains_key("param"),
+        "{context}: error without param: {body}"
+    );
+    assert!(
+        o.contains_key("code"),
+        "{context}: error without code: {body}"
+    );
+}
+
+/// Reads `data:` events off a server-sent-event response.
+pub struct Sse {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    ended: bool,
+}
+
+impl Sse {
+    pub fn new(resp: reqwest::Response) -> Self {
+        Self {
+            resp,
+            buf: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// The next event's data, or None at the end of the body.
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(pos) = find(&self.buf, b"\n\n") {
+                let event: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                let event = String::from_utf8(event).expect("SSE event is UTF-8");
+                let data: Vec<&str> = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                if data.is_empty() {
+                    continue; // a comment or keep-alive
+                }
+                return Some(data.join("\n"));
+            }
+            if self.ended {
+                assert!(
+                    self.buf.iter().all(|b| b.is_ascii_whitespace()),
+                    "stream ended inside an event: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
+                return None;
+            }
+            match self.resp.chunk().await.expect("reading the stream") {
+                Some(bytes) => self.buf.extend_from_slice(&bytes),
+                None => self.ended = true,
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A whole stream: its JSON chunks, in order, and whether `[DONE]` ended it.
+pub struct Stream {
+    pub chunks: Vec<Value>,
+    pub done: bool,
+}
+
+/// Reads a stream to its end, checking that `[DONE]` comes last and nothing follows it.
+pub async fn collect_stream(resp: reqwest::Response) -> Stream {
+    let status = resp.status().as_u16();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if status != 200 {
+        let (_, body) = read_json(resp).await;
+        panic!("stream request answered {status}: {body}");
+    }
+    assert!(
+        ctype.starts_with("text/event-stream"),
+        "stream content-type {ctype:?}"
+    );
+    let mut sse = Sse::new(resp);
+    let mut chunks = Vec::new();
+    let mut done = false;
+    while let Some(data) = sse.next().await {
+        assert!(!done, "event after [DONE]: {data}");
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value =
+            serde_json::from_str(&data).unwrap_or_else(|e| panic!("bad chunk {data:?}: {e}"));
+        chunks.push(v);
+    }
+    Stream { chunks, done }
+}
+
+/// What a stream says about each choice.
+#[derive(Debug, Default, Clone)]
+pub struct StreamChoice {
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub logprob_tokens: usize,
+}
+
+/// Checks a chat or completion stream's shape and assembles its choices (by index) and final
+/// usage. `chat` selects the chunk shape; `include_usage` whether the request asked for usage.
+pub fn assemble(
+    stream: &Stream,
+    chat: bool,
+    include_usage: bool,
+) -> (Vec<StreamChoice>, Option<Value>) {
+    assert!(
+        stream.done,
+        "stream did not end with [DONE]: {:?}",
+        stream.chunks
+    );
+    assert!(!stream.chunks.is_empty(), "empty stream");
+    let (object, prefix) = if chat {
+        ("chat.completion.chunk", "chatcmpl-")
+    } else {
+        ("text_completion", "cmpl-")
+    };
+    let id = stream.chunks[0]["id"]
+        .as_str()
+        .expect("chunk id")
+        .to_string();
+    assert!(id.starts_with(prefix), "id {id:?} lacks {prefix:?}");
+    let mut choices: Vec<StreamChoice> = Vec::new();
+    let mut role_seen: Vec<bool> = Vec::new();
+    let mut usage = None;
+    for (k, c) in stream.chunks.iter().enumerate() {
+        assert!(c.get("error").is_none(), "error event in stream: {c}");
+        assert_eq!(c["id"], id.as_str(), "chunk ids differ: {c}");
+        assert_eq!(c["object"], object, "chunk object: {c}");
+        assert_eq!(c["model"], MODEL, "chunk model: {c}");
+        assert!(c["created"].is_u64(), "chunk created: {c}");
+        let cs = c["choices"].as_array().expect("choices array");
+        if include_usage {
+            assert!(
+                c.as_object().unwrap().contains_key("usage"),
+                "include_usage: chunk without a usage field: {c}"
+            );
+            if cs.is_empty() {
+                assert_eq!(
+                    k,
+                    stream.chunks.len() - 1,
+                    "usage chunk is not the last: {c}"
+                );
+                assert!(c["usage"].is_object(), "last chunk without usage: {c}");
+                usage = Some(c["usage"].clone());
+                continue;
+            }
+            assert!(c["usage"].is_null(), "usage on a content chunk: {c}");
+        } else {
+            assert!(c["usage"].is_null(), "usage not asked for but sent: {c}");
+            assert!(!cs.is_empty(), "chunk without choices: {c}");
+        }
+        for ch in cs {
+            let i = ch["index"].as_u64().expect("choice index") as usize;
+            if choices.len() <= i {
+                choices.resize(i + 1, StreamChoice::default());
+                role_seen.resize(i + 1, false);
+            }
+            let st = &mut choices[i];
+            assert!(
+                st.finish_reason.is_none(),
+                "choice {i} continues after its finish_reason: {c}"
+            );
+            let text = if chat {
+                let delta = &ch["delta"];
+                assert!(delta.is_object(), "chat chunk without delta: {c}");
+                if !role_seen[i] {
+                    assert_eq!(
+                        delta["role"], "assistant",
+                        "first delta of {i} lacks the role: {c}"
+                    );
+                    assert_eq!(delta["content"], "", "first delta of {i} has content: {c}");
+                    role_seen[i] = true;
+                } else {
+                    assert!(delta.get("role").is_none(), "role repeated: {c}");
+                }
+                delta["content"].as_str().unwrap_or("").to_string()
+            } else {
+                ch["text"]
+                    .as_str()
+                    .expect("completion chunk text")
+                    .to_string()
+            };
+            st.text.push_str(&text);
+            if chat {
+                if let Some(content) = ch["logprobs"]["content"].as_array() {
+                    st.logprob_tokens += content.len();
+                }
+            } else if let Some(tokens) = ch["logprobs"]["tokens"].as_array() {
+                st.logprob_tokens += tokens.len();
+            }
+            if let Some(fr) = ch["finish_reason"].as_str() {
+                st.finish_reason = Some(fr.to_string());
+            }
+        }
+    }
+    for (i, st) in choices.iter().enumerate() {
+        assert!(
+            st.finish_reason.is_some(),
+            "choice {i} never finished: {:?}",
+            stream.chunks
+        );
+    }
+    if include_usage {
+        assert!(usage.is_some(), "include_usage but no usage chunk");
+    }
+    (choices, usage)
+}
+
+/// The value of an unlabelled metric line `name value`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls `cond` every 200 ms until it holds or `deadline` passes; returns the last value.
+pub async fn wait_for<T, F, Fut>(deadline: Duration, mut f: F) -> (bool, T)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (bool, T)>,
+{
+    let start = Instant::now();
+    loop {
+        let (ok, v) = f().await;
+        if ok || start.elapsed() > deadline {
+            return (ok, v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A fresh random number (for prompts the prefix cache cannot have seen).
+pub fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
