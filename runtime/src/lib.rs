@@ -1,10 +1,15 @@
-//! The runtime: what every Baton component shares — block hashing, KV event types, discovery
-//! and the request plane, each a trait with its in-process implementation today (etcd, NATS,
-//! the event plane and the work queue come with the distributed-runtime issue).
+//! The runtime: what every Baton component shares — component discovery (memory | etcd), the
+//! request plane (in-process | NATS), the event plane (in-process | NATS), the work queue
+//! (in-process | JetStream), graph configs, block hashing and KV event types. Each is a trait with
+//! its simple implementation beside the networked one, so `baton serve` with no NATS or etcd
+//! runs every code path except the network.
 
 pub mod block_hash;
 pub mod config;
 pub mod discovery;
+pub mod event_plane;
+pub mod infra;
 pub mod kv_event;
 pub mod protocol;
 pub mod request_plane;
+pub mod work_queue;

@@ -1,0 +1,1 @@
+//! Local etcd server (see the module above).

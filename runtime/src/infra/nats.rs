@@ -1,0 +1,1 @@
+//! Local nats-server (see the module above).

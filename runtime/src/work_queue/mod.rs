@@ -1,0 +1,1 @@
+//! Work queue for remote prefills (DESIGN.md §2).
