@@ -163,8 +163,9 @@ async fn through_router_and_request_plane_and_cancelled_by_dropping_the_stream()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
 
-    let (instance, mut stream) = router.generate(&request("r1", vec![3], 4)).await.unwrap();
-    assert_eq!(instance, worker.instance_id());
+    let dispatch = router.generate(&request("r1", vec![3], 4)).await.unwrap();
+    assert_eq!(dispatch.instance_id, worker.instance_id());
+    let mut stream = dispatch.stream;
     let mut tokens = Vec::new();
     while let Some(frame) = stream.next().await {
         match serde_json::from_slice(&frame.unwrap()).unwrap() {
@@ -178,10 +179,11 @@ async fn through_router_and_request_plane_and_cancelled_by_dropping_the_stream()
         "stream ends with End after the finish"
     );
 
-    let (_, mut stream) = router
+    let mut stream = router
         .generate(&request("r2", vec![3; 6], 40))
         .await
-        .unwrap();
+        .unwrap()
+        .stream;
     assert!(stream.next().await.unwrap().is_ok());
     assert!(worker.host().load().kv_blocks_used > 0);
     drop(stream);

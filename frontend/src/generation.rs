@@ -13,9 +13,9 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use futures::stream::{self, BoxStream, StreamExt};
 use processor::{ChoiceOutput, OutputStep};
-use router::{Router, RouterError};
+use router::{Dispatch, Router, RouterError};
 use runtime::protocol::{GenerateRequest, GenerateResponse, SamplingParams};
-use runtime::request_plane::{RequestPlaneError, ResponseStream};
+use runtime::request_plane::RequestPlaneError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::error::ApiError;
@@ -64,13 +64,15 @@ pub fn start(
                 stop.to_vec(),
                 plan.sampling.min_tokens,
             ),
-            request: Some(GenerateRequest {
+            request: GenerateRequest {
                 request_id: format!("{request_id}-{}", plan.index),
                 token_ids: plan.prompt.to_vec(),
                 sampling: plan.sampling,
-            }),
+            },
             router: router.clone(),
-            stream: None,
+            dispatch: None,
+            started: false,
+            retries_left: RETRIES,
             done: false,
         };
         stream::unfold(run, |mut run| async move {
@@ -82,13 +84,27 @@ pub fn start(
     stream::select_all(runs).boxed()
 }
 
+/// Times a choice is sent to another worker when its worker failed before sending a token
+/// (it died, or left discovery): the client has seen nothing, so nothing is lost.
+const RETRIES: u32 = 1;
+
 struct ChoiceRun {
     index: u32,
     output: ChoiceOutput,
-    request: Option<GenerateRequest>,
+    request: GenerateRequest,
     router: Arc<Router>,
-    stream: Option<ResponseStream>,
+    dispatch: Option<Dispatch>,
+    /// Whether any token of this choice came back (then a failure cannot be retried).
+    started: bool,
+    retries_left: u32,
     done: bool,
+}
+
+/// How a worker stream failed.
+enum Failure {
+    Plane(RequestPlaneError),
+    Ended,
+    Gone,
 }
 
 impl ChoiceRun {
@@ -100,47 +116,73 @@ impl ChoiceRun {
         if !matches!(&item, Ok(step) if step.usage.is_none()) {
             // Finished or failed: dropping the worker stream cancels what is left of it.
             self.done = true;
-            self.stream = None;
+            self.dispatch = None;
         }
         Some(item)
     }
 
     async fn advance(&mut self) -> Result<ChoiceStep, ApiError> {
-        if let Some(request) = self.request.take() {
-            let (_, stream) = self
-                .router
-                .generate(&request)
-                .await
-                .map_err(routing_error)?;
-            self.stream = Some(stream);
-        }
-        let stream = self
-            .stream
-            .as_mut()
-            .ok_or_else(|| ApiError::internal("choice stream used after it ended"))?;
         loop {
-            let delta = match stream.next().await {
-                None => {
-                    return Err(ApiError::internal(
-                        "the worker ended the stream before the request finished",
-                    ))
+            if self.dispatch.is_none() {
+                match self.router.generate(&self.request).await {
+                    Ok(d) => self.dispatch = Some(d),
+                    Err(RouterError::RequestPlane(RequestPlaneError::NoSuchAddress(_)))
+                        if self.retries_left > 0 =>
+                    {
+                        self.retry();
+                        continue;
+                    }
+                    Err(e) => return Err(routing_error(e)),
                 }
-                Some(Err(e)) => return Err(worker_error(e)),
-                Some(Ok(bytes)) => match serde_json::from_slice(&bytes) {
-                    Err(e) => {
-                        return Err(ApiError::internal(format!(
-                            "malformed worker response: {e}"
-                        )))
-                    }
-                    Ok(GenerateResponse::Rejected { message, param }) => {
-                        return Err(match param {
-                            Some(p) => ApiError::bad_param(&p, message),
-                            None => ApiError::bad_request(message),
-                        })
-                    }
-                    Ok(GenerateResponse::Tokens(delta)) => delta,
+            }
+            let d = self.dispatch.as_mut().expect("dispatched above");
+            let frame = tokio::select! {
+                biased;
+                frame = d.stream.next() => match frame {
+                    Some(Ok(bytes)) => Ok(bytes),
+                    Some(Err(e)) => Err(Failure::Plane(e)),
+                    None => Err(Failure::Ended),
                 },
+                _ = d.gone.cancelled() => Err(Failure::Gone),
             };
+            let bytes = match frame {
+                Ok(bytes) => bytes,
+                Err(failure) => {
+                    self.dispatch = None;
+                    // An engine error (`Remote`) would fail again elsewhere; a lost worker not.
+                    let engine_error =
+                        matches!(failure, Failure::Plane(RequestPlaneError::Remote(_)));
+                    if !self.started && !engine_error && self.retries_left > 0 {
+                        tracing::warn!(request = %self.request.request_id, "worker failed before the first token; retrying on another");
+                        self.retry();
+                        continue;
+                    }
+                    return Err(match failure {
+                        Failure::Plane(e) => worker_error(e),
+                        Failure::Ended => ApiError::internal(
+                            "the worker ended the stream before the request finished",
+                        ),
+                        Failure::Gone => ApiError::internal(
+                            "the worker serving this request went away (its discovery lease ended)",
+                        ),
+                    });
+                }
+            };
+            let delta = match serde_json::from_slice(&bytes) {
+                Err(e) => {
+                    return Err(ApiError::internal(format!(
+                        "malformed worker response: {e}"
+                    )))
+                }
+                Ok(GenerateResponse::Rejected { message, param }) => {
+                    return Err(match param {
+                        Some(p) => ApiError::bad_param(&p, message),
+                        None => ApiError::bad_request(message),
+                    })
+                }
+                Ok(GenerateResponse::Tokens(delta)) => delta,
+            };
+            self.started = true;
             let step = self
                 .output
                 .push(&delta)
@@ -159,6 +201,16 @@ impl ChoiceRun {
                 usage,
             });
         }
+    }
+
+    /// A fresh id, so a worker that still holds the first attempt cannot take it for a duplicate.
+    fn retry(&mut self) {
+        self.retries_left -= 1;
+        self.request.request_id = format!(
+            "{}-r{}",
+            self.request.request_id,
+            RETRIES - self.retries_left
+        );
     }
 }
 

@@ -10,4 +10,4 @@ pub mod router;
 
 pub use error::RouterError;
 pub use policy::{policy_from_name, Random, RoundRobin, RouteContext, RoutingPolicy};
-pub use router::Router;
+pub use router::{Dispatch, Router};

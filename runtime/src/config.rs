@@ -91,6 +91,17 @@ pub struct BatonSection {
     pub namespace: Option<String>,
     pub dtype: Option<String>,
     pub device: Option<String>,
+    /// NATS URL (`nats://127.0.0.1:4222`); with `etcd-endpoints`, `baton serve` runs each
+    /// component as its own process. `NATS_SERVER` / `--nats-server` win over it.
+    pub nats_server: Option<String>,
+    /// Comma-separated etcd URLs; `ETCD_ENDPOINTS` / `--etcd-endpoints` win over it.
+    pub etcd_endpoints: Option<String>,
+    /// Discovery lease TTL in seconds (default 10).
+    pub lease_ttl: Option<u64>,
+    /// Seconds a response stream may stay silent before the caller fails it.
+    pub stream_timeout: Option<u64>,
+    /// KV cache size in blocks per worker.
+    pub num_kv_blocks: Option<usize>,
 }
 
 impl GraphConfig {
