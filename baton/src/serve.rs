@@ -1,6 +1,8 @@
 //! `baton serve`: the whole graph in one process — frontend, processor and router, and
 //! `--workers` engine workers — joined by the in-process discovery and request plane. With
-//! `-f CONFIG` the seed's YAML shape supplies what flags do not.
+//! `-f CONFIG` the seed's YAML shape supplies what flags do not; when it (or the flags, or
+//! `NATS_SERVER` + `ETCD_ENDPOINTS`) names NATS and etcd, each component runs as its own
+//! process instead (`graph`).
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -78,24 +80,69 @@ pub struct ServeArgs {
     /// Seconds Ctrl-C waits for in-flight requests before ending them with an error.
     #[arg(long, env = "BATON_DRAIN_TIMEOUT", default_value_t = 30)]
     drain_timeout: u64,
-    /// Seconds a response may stay silent before the frontend gives up on its worker.
-    #[arg(long, env = "BATON_STREAM_TIMEOUT", default_value_t = 600)]
-    stream_timeout: u64,
+    /// Seconds a response may stay silent before the frontend gives up on its worker (a dead
+    /// worker is noticed sooner, when its discovery lease ends) [default: `Baton.stream-timeout`,
+    /// else 600].
+    #[arg(long, env = "BATON_STREAM_TIMEOUT")]
+    stream_timeout: Option<u64>,
+    /// NATS server URL; with etcd, components run as separate processes [default:
+    /// `Baton.nats-server`].
+    #[arg(long, env = "NATS_SERVER")]
+    nats_server: Option<String>,
+    /// etcd endpoints, comma-separated [default: `Baton.etcd-endpoints`].
+    #[arg(long, env = "ETCD_ENDPOINTS")]
+    etcd_endpoints: Option<String>,
+    /// Namespace of discovery keys and subjects [default: `Baton.namespace`, else baton].
+    #[arg(long, env = "BATON_NAMESPACE")]
+    namespace: Option<String>,
+    /// Discovery lease TTL in seconds [default: `Baton.lease-ttl`, else 10].
+    #[arg(long, env = "BATON_LEASE_TTL")]
+    lease_ttl: Option<u64>,
 }
 
 /// Settings after flags, config and defaults are merged (flags win).
-struct Resolved {
-    model: String,
-    served_model_name: String,
-    port: u16,
-    workers: usize,
-    policy: String,
-    engine: EngineOptions,
+pub(crate) struct Resolved {
+    pub model: String,
+    pub served_model_name: String,
+    pub port: u16,
+    pub workers: usize,
+    pub policy: String,
+    pub engine: EngineOptions,
+    pub namespace: String,
+    /// Set when both are known: the graph runs distributed.
+    pub nats: Option<String>,
+    pub etcd: Option<Vec<String>>,
+    pub lease_ttl: Duration,
+    pub stream_timeout: Duration,
 }
 
 fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
+    let nats = args
+        .nats_server
+        .clone()
+        .or(config.baton.as_ref().and_then(|b| b.nats_server.clone()))
+        .filter(|s| !s.is_empty());
+    let etcd = args
+        .etcd_endpoints
+        .clone()
+        .or(config.baton.as_ref().and_then(|b| b.etcd_endpoints.clone()))
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.split(',')
+                .map(|e| e.trim().to_string())
+                .collect::<Vec<_>>()
+        });
     let baton = config.baton.clone().unwrap_or_default();
     let worker = config.vllm_worker.clone().unwrap_or_default();
+    if worker.remote_prefill == Some(true) {
+        tracing::warn!(
+            "`VllmWorker.remote-prefill`: disaggregation is not built yet; decode workers prefill \
+             locally"
+        );
+    }
+    if config.prefill_worker.is_some() {
+        tracing::warn!("`PrefillWorker`: not started (disaggregation is not built yet)");
+    }
     let processor = config.processor.clone().unwrap_or_default();
     let frontend = config.frontend.clone().unwrap_or_default();
     let model = args
@@ -122,7 +169,7 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             .or(worker.block_size)
             .or(processor.block_size)
             .unwrap_or(defaults.block_size),
-        num_blocks: args.num_kv_blocks,
+        num_blocks: args.num_kv_blocks.or(baton.num_kv_blocks),
         kv_cache_bytes: args.kv_cache_mib << 20,
         max_num_seqs: args
             .max_num_seqs
@@ -147,24 +194,38 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             .workers
             .or(worker.service_args.and_then(|s| s.workers))
             .unwrap_or(1),
-        policy: args
-            .router
-            .clone()
-            .or(processor.router)
-            .unwrap_or_else(|| "round-robin".to_string()),
+        policy: policy_name(args.router.clone().or(processor.router)),
         engine,
+        namespace: args
+            .namespace
+            .clone()
+            .or(baton.namespace)
+            .unwrap_or_else(|| "baton".to_string()),
+        nats,
+        etcd,
+        lease_ttl: Duration::from_secs(args.lease_ttl.or(baton.lease_ttl).unwrap_or(10).max(1)),
+        stream_timeout: Duration::from_secs(
+            args.stream_timeout.or(baton.stream_timeout).unwrap_or(600),
+        ),
     })
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+/// The routing policy; the seed's `kv` runs round-robin until the KV router exists (warned).
+fn policy_name(asked: Option<String>) -> String {
+    match asked.as_deref() {
+        None => "round-robin".to_string(),
+        Some("kv") => {
+            tracing::warn!(
+                "router `kv`: the KV-aware router is not built yet; routing round-robin"
+            );
+            "round-robin".to_string()
+        }
+        Some(other) => other.to_string(),
+    }
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+/// Reads `-f CONFIG` (warning about unknown keys) and merges it with the flags.
+pub(crate) fn settings(args: &ServeArgs) -> Result<Resolved> {
     let config = match &args.config {
         Some(path) => {
             let (config, warnings) = GraphConfig::load(path)?;
@@ -175,14 +236,26 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         None => GraphConfig::default(),
     };
-    let settings = resolve(&args, &config)?;
-    let policy = policy_from_name(&settings.policy)?;
+    resolve(args, &config)
+}
 
+pub fn run(args: ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let settings = settings(&args)?;
+    if settings.nats.is_some() && settings.etcd.is_some() {
+        return runtime.block_on(crate::graph::run(&settings));
+    }
+    runtime.block_on(serve(args, settings))
+}
+
+async fn serve(args: ServeArgs, settings: Resolved) -> Result<()> {
+    let policy = policy_from_name(&settings.policy)?;
     let discovery = MemoryDiscovery::new();
-    let plane = Arc::new(MemoryRequestPlane::new(Duration::from_secs(
-        args.stream_timeout,
-    )));
-    let endpoint = worker_endpoint("baton");
+    let plane = Arc::new(MemoryRequestPlane::new(settings.stream_timeout));
+    let endpoint = worker_endpoint(&settings.namespace);
     let router = Router::new(&discovery, plane.clone(), endpoint.clone(), policy).await?;
 
     let mut card = None;
@@ -220,6 +293,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
             })
             .collect()
     });
+    serve_http(&args, &settings, Arc::new(router), model, loads).await?;
+    for worker in workers {
+        worker.stop();
+    }
+    eprintln!("baton: stopped");
+    Ok(())
+}
+
+/// Binds the frontend, prints the line scripts wait for, serves until Ctrl-C / SIGTERM drains.
+pub(crate) async fn serve_http(
+    args: &ServeArgs,
+    settings: &Resolved,
+    router: Arc<Router>,
+    model: Arc<ServedModel>,
+    loads: LoadSource,
+) -> Result<()> {
     let frontend_config = FrontendConfig {
         addr: SocketAddr::new(args.host, settings.port),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
@@ -230,12 +319,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if frontend_config.max_inflight == 0 {
         bail!("`--max-inflight` must be at least 1");
     }
-    let state = Arc::new(AppState::new(
-        model,
-        Arc::new(router),
-        frontend_config,
-        loads,
-    ));
+    let state = Arc::new(AppState::new(model, router, frontend_config, loads));
     let listener = frontend::bind(&state).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(
@@ -250,14 +334,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let _ = std::io::stdout().flush();
 
     frontend::serve(state, listener, shutdown_signal()).await?;
-    for worker in workers {
-        worker.stop();
-    }
-    eprintln!("baton: stopped");
     Ok(())
 }
 
-async fn load_engine(settings: &Resolved, index: usize) -> Result<(engine::Engine, ModelCard)> {
+pub(crate) async fn load_engine(
+    settings: &Resolved,
+    index: usize,
+) -> Result<(engine::Engine, ModelCard)> {
     let model = settings.model.clone();
     let opts = settings.engine.clone();
     let spinner = indicatif::ProgressBar::new_spinner();
@@ -273,7 +356,7 @@ async fn load_engine(settings: &Resolved, index: usize) -> Result<(engine::Engin
     built
 }
 
-fn served_model(card: &ModelCard, name: &str) -> Result<ServedModel> {
+pub(crate) fn served_model(card: &ModelCard, name: &str) -> Result<ServedModel> {
     let token = |id: Option<u32>| id.and_then(|i| card.tokenizer.id_to_token(i));
     let chat_template = card
         .chat_template
@@ -296,7 +379,7 @@ fn served_model(card: &ModelCard, name: &str) -> Result<ServedModel> {
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -3,12 +3,14 @@
 //! routing at once. The in-memory implementation serves `baton serve` in one process; the
 //! etcd one (the distributed-runtime issue) keeps the same keys and semantics.
 
+pub mod etcd;
 pub mod memory;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+pub use etcd::EtcdDiscovery;
 pub use memory::MemoryDiscovery;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +19,15 @@ pub enum DiscoveryError {
     Unavailable { url: String, reason: String },
     #[error("discovery backend failed: {0}")]
     Backend(String),
+    #[error("etcd `{op}` at `{url}` failed: {reason}")]
+    Etcd {
+        op: &'static str,
+        url: String,
+        reason: String,
+    },
+    /// `EtcdDiscovery::shutdown` was called; the handle takes no more registrations or watches.
+    #[error("discovery was shut down")]
+    ShutDown,
 }
 
 pub type Result<T> = std::result::Result<T, DiscoveryError>;

@@ -2,10 +2,11 @@
 //! response back as ordered frames (`Data`, `Error`, `End`) carrying sequence numbers
 //! (DESIGN.md §2). Dropping the response stream cancels the request at the worker. A stream
 //! that falls silent without `End` (a dead worker) fails the caller after a timeout.
-//! The in-process implementation serves `baton serve`; NATS comes with the
-//! distributed-runtime issue behind the same trait.
+//! The in-process implementation serves `baton serve`; the NATS one (`nats.rs`) serves
+//! `baton run`, where every component is its own process.
 
 pub mod memory;
+pub mod nats;
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use memory::MemoryRequestPlane;
+pub use nats::NatsRequestPlane;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RequestPlaneError {
@@ -32,6 +34,10 @@ pub enum RequestPlaneError {
     OutOfOrder { expected: u64, got: u64 },
     #[error("the request was cancelled")]
     Cancelled,
+    #[error("cannot connect to the request plane at `{url}`: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("request plane transport failed: {0}")]
+    Transport(String),
 }
 
 pub type Result<T> = std::result::Result<T, RequestPlaneError>;
