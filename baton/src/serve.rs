@@ -376,6 +376,7 @@ pub(crate) fn served_model(card: &ModelCard, name: &str) -> Result<ServedModel> 
         eos_token_ids: card.eos_token_ids.clone(),
         add_bos_token: card.add_bos_token,
         max_context: card.max_context,
+        vocab_size: card.tokenizer.get_vocab_size(true),
     })
 }
 

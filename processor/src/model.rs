@@ -31,6 +31,8 @@ pub struct ServedModel {
     pub add_bos_token: bool,
     /// Longest sequence, prompt plus output.
     pub max_context: usize,
+    /// Computed once: tokenizers' `get_vocab_size(true)` rebuilds the whole vocabulary map.
+    pub vocab_size: usize,
 }
 
 impl ServedModel {
@@ -54,7 +56,7 @@ impl ServedModel {
         if ids.is_empty() {
             return Err(PromptError::Empty);
         }
-        let vocab_size = self.tokenizer.get_vocab_size(true);
+        let vocab_size = self.vocab_size;
         match ids.iter().find(|&&t| t as usize >= vocab_size) {
             Some(&token) => Err(PromptError::TokenOutOfVocab { token, vocab_size }),
             None => Ok(()),
