@@ -1,0 +1,274 @@
+//! The graph as separate processes over real NATS and etcd (started here from the binaries
+//! `scripts/infra` installs): a frontend and two decode workers serve chat completions; a
+//! worker killed with SIGKILL mid-stream ends its stream with an error and the next request
+//! succeeds; NATS and etcd restarts are survived without restarting Baton; and `baton serve`
+//! with NATS/etcd starts and stops the processes itself.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{client, collect_stream, get_text, metric, post_json, wait_for, Sse};
+use runtime::infra::etcd::EtcdServer;
+use runtime::infra::nats::NatsServer;
+use serde_json::{json, Value};
+
+/// Short leases so a dead worker leaves routing quickly.
+const LEASE_TTL: &str = "2";
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[&str], nats: &str, etcd: &str) -> Proc {
+        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("distributed-{name}-{}.log", std::process::id()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("BATON_") || key == "NATS_SERVER" || key == "ETCD_ENDPOINTS" {
+                cmd.env_remove(key);
+            }
+        }
+        let child = cmd
+            .args(args)
+            .args(["--nats-server", nats, "--etcd-endpoints", etcd])
+            .args(["--lease-ttl", LEASE_TTL, "--num-kv-blocks", "48"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawning baton");
+        Proc { child, log }
+    }
+
+    /// Reads stdout until the frontend's listening line; returns the base URL.
+    fn listening(&mut self) -> String {
+        let stdout = self.child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("baton: listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no listening line; {}", self.log_tail()))
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "log {}:\n{}",
+            self.log.display(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    }
+
+    fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, signal);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn workers_healthy(base: &str, want: u64) -> bool {
+    let (ok, _) = wait_for(Duration::from_secs(60), || async {
+        let (status, body) = get_text(&client(), &format!("{base}/health")).await;
+        let workers = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["workers"].as_u64());
+        (status == 200 && workers == Some(want), ())
+    })
+    .await;
+    ok
+}
+
+fn chat(max_tokens: u32, stream: bool) -> Value {
+    json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell me about the sea."}],
+           "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": stream})
+}
+
+async fn chat_succeeds(base: &str) -> (bool, Value) {
+    let (status, body) = post_json(
+        &client(),
+        &format!("{base}/v1/chat/completions"),
+        &chat(4, false),
+    )
+    .await;
+    (
+        status == 200 && body["usage"]["completion_tokens"] == 4,
+        body,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_processes_serve_and_survive_worker_and_server_faults() {
+    let mut nats = NatsServer::start().expect("nats-server");
+    let mut etcd = EtcdServer::start().expect("etcd");
+    let (n, e) = (nats.url.clone(), etcd.url.clone());
+    let workers: Vec<Proc> = (0..2)
+        .map(|i| Proc::spawn(&format!("worker{i}"), &["run", "decode-worker"], &n, &e))
+        .collect();
+    let mut front = Proc::spawn("frontend", &["run", "frontend", "--port", "0"], &n, &e);
+    let base = front.listening();
+    assert!(
+        workers_healthy(&base, 2).await,
+        "two workers registered; {}",
+        front.log_tail()
+    );
+
+    // Both workers serve: the load each publishes reaches the frontend's metrics.
+    let (ok, body) = chat_succeeds(&base).await;
+    assert!(ok, "{body}");
+    let (ok, text) = wait_for(Duration::from_secs(10), || async {
+        let (_, text) = get_text(&client(), &format!("{base}/metrics")).await;
+        (metric(&text, "baton_workers") == Some(2.0), text)
+    })
+    .await;
+    assert!(ok, "load of both workers in /metrics:\n{text}");
+
+    // SIGKILL one worker while two streams run (round-robin puts one on each).
+    let c = client();
+    let url = format!("{base}/v1/chat/completions");
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let resp = c.post(&url).json(&chat(400, true)).send().await.unwrap();
+        let mut sse = Sse::new(resp);
+        assert!(sse.next().await.is_some(), "stream started");
+        streams.push(sse);
+    }
+    workers[0].signal(libc::SIGKILL);
+    let mut outcomes = Vec::new();
+    for mut sse in streams {
+        let mut error = None;
+        let mut done = false;
+        let mut finish = None;
+        while let Some(data) = tokio::time::timeout(Duration::from_secs(60), sse.next())
+            .await
+            .expect("a stream of a dead worker must not hang")
+        {
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(&data).unwrap();
+            if v.get("error").is_some() {
+                error = Some(v);
+            } else if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+        assert!(done, "every stream ends with [DONE]");
+        outcomes.push((error, finish));
+    }
+    assert_eq!(
+        outcomes.iter().filter(|(e, _)| e.is_some()).count(),
+        1,
+        "the killed worker's stream ends with an error event: {outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .any(|(e, f)| e.is_none() && f.as_deref() == Some("length")),
+        "the other stream completes: {outcomes:?}"
+    );
+    // The next request succeeds, even before the dead worker's lease has run out.
+    let (ok, body) = chat_succeeds(&base).await;
+    assert!(ok, "after kill -9: {body}");
+    assert!(
+        workers_healthy(&base, 1).await,
+        "the dead worker left routing"
+    );
+
+    // NATS restart: the planes reconnect by themselves.
+    nats.restart().expect("nats restart");
+    let (ok, body) = wait_for(Duration::from_secs(30), || chat_succeeds(&base)).await;
+    assert!(ok, "after a NATS restart: {body}; {}", front.log_tail());
+
+    // etcd restart: the worker re-registers and is routed to again.
+    etcd.restart().expect("etcd restart");
+    assert!(
+        workers_healthy(&base, 1).await,
+        "re-registered after an etcd restart; {}",
+        workers[1].log_tail()
+    );
+    let (ok, body) = wait_for(Duration::from_secs(30), || chat_succeeds(&base)).await;
+    assert!(ok, "after an etcd restart: {body}");
+
+    front.signal(libc::SIGTERM);
+    let status = front.child.wait().unwrap();
+    assert!(status.success(), "frontend exits 0 on SIGTERM: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_nats_and_etcd_runs_each_component_as_a_process() {
+    let nats = NatsServer::start().expect("nats-server");
+    let etcd = EtcdServer::start().expect("etcd");
+    let mut graph = Proc::spawn(
+        "graph",
+        &["serve", "--port", "0", "--workers", "2"],
+        &nats.url,
+        &etcd.url,
+    );
+    let base = graph.listening();
+    assert!(workers_healthy(&base, 2).await, "{}", graph.log_tail());
+    let resp = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&chat(8, true))
+        .send()
+        .await
+        .unwrap();
+    let stream = collect_stream(resp).await;
+    assert!(stream.done && stream.chunks.len() >= 2);
+    let children = child_pids(graph.child.id());
+    assert_eq!(
+        children.len(),
+        3,
+        "a frontend and two workers: {children:?}"
+    );
+    graph.signal(libc::SIGINT);
+    let status = graph.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "serve exits 0 on Ctrl-C: {status:?}; {}",
+        graph.log_tail()
+    );
+    for pid in children {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "component {pid} stopped with the graph"
+        );
+    }
+}
+
+/// Children of every thread of `parent` (tokio spawns them from its worker threads).
+fn child_pids(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{parent}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        pids.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    pids
+}
