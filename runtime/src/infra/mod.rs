@@ -44,3 +44,94 @@ pub fn wait_for_port(port: u16, timeout: std::time::Duration) -> bool {
     }
     false
 }
+
+/// A server child process with a private temp folder (its data and `{name}.log`), shared by
+/// the NATS and etcd wrappers. Dropping it kills the process and removes the folder.
+struct LocalProcess {
+    name: &'static str,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl LocalProcess {
+    fn new(name: &'static str) -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("baton-{name}-{}-{n}", std::process::id()));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    return Ok(Self {
+                        name,
+                        dir,
+                        child: None,
+                    })
+                }
+                // Left over from an earlier process with the same pid: pick the next name.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The log file (appended to across restarts).
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.name))
+    }
+
+    /// Runs `binary args` with output to the log, and waits until it opens `port`.
+    fn start(
+        &mut self,
+        binary: &std::path::Path,
+        args: &[std::ffi::OsString],
+        port: u16,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<()> {
+        use std::io;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let mut child = std::process::Command::new(binary)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", binary.display())))?;
+        if !wait_for_port(port, timeout) {
+            let exited = child.try_wait().ok().flatten();
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} did not open port {port} within {timeout:?} (exit: {exited:?}); log {}:\n{}",
+                    self.name,
+                    self.log_path().display(),
+                    lines[lines.len().saturating_sub(20)..].join("\n")
+                ),
+            ));
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: clients see the connection drop, as in a crash.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for LocalProcess {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
