@@ -49,7 +49,6 @@ pub type Events = BoxStream<'static, Result<ChoiceStep, ApiError>>;
 
 /// Starts every choice; steps arrive in the order the workers produce them.
 pub fn start(
-    router: &Arc<Router>,
     state: &AppState,
     request_id: &str,
     plans: Vec<ChoicePlan>,
@@ -69,7 +68,7 @@ pub fn start(
                 token_ids: plan.prompt.to_vec(),
                 sampling: plan.sampling,
             },
-            router: router.clone(),
+            router: state.router.clone(),
             dispatch: None,
             started: false,
             retries_left: RETRIES,
@@ -366,12 +365,19 @@ pub struct StreamContext {
 
 /// Streams `first` and the rest of `events` as server-sent events; `data: [DONE]` last. A
 /// failure after the stream started is sent as an error event before `[DONE]`.
-pub fn sse_response(
+///
+/// It first waits for the first step, so a request the worker refuses still gets its 4xx
+/// status instead of a stream that starts and fails.
+pub async fn sse_response(
     ctx: StreamContext,
-    first: ChoiceStep,
     mut events: Events,
     mut writer: impl ChunkWriter,
-) -> Response {
+) -> Result<Response, ApiError> {
+    let first = match events.next().await {
+        Some(Ok(step)) => step,
+        Some(Err(e)) => return Err(e),
+        None => return Err(ApiError::internal("no choice produced output")),
+    };
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let StreamContext {
@@ -439,12 +445,12 @@ pub fn sse_response(
         timer.finish(&state, endpoint, status, &tally);
     });
     let body = stream::poll_fn(move |cx| rx.poll_recv(cx).map(|b| b.map(Ok::<_, Infallible>)));
-    Response::builder()
+    Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
-        .expect("static headers are valid")
+        .expect("static headers are valid"))
 }
 
 /// The status recorded when the client disconnected mid-stream (nginx's convention).

@@ -9,7 +9,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use processor::{ChatMessage, ServedModel};
 
 use super::{
@@ -31,15 +30,8 @@ pub async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    match run(state.clone(), body, started).await {
-        Ok(response) => response,
-        Err(e) => {
-            state
-                .metrics
-                .request_done(&state.model.name, ENDPOINT, e.status);
-            e.into_response()
-        }
-    }
+    let result = run(state.clone(), body, started).await;
+    super::respond(&state, ENDPOINT, result)
 }
 
 async fn run(
@@ -99,23 +91,11 @@ async fn run(
             sampling: for_choice(&sampling, i),
         })
         .collect();
-    let mut events = generation::start(
-        &state.router,
-        &state,
-        &id,
-        plans,
-        &req.common.stop_strings(),
-    );
+    let events = generation::start(&state, &id, plans, &req.common.stop_strings());
     let mut timer = Timer::new(started);
     let created = unix_now();
 
     if req.common.stream {
-        // Wait for the first step so a request the worker refuses still gets its 4xx status.
-        let first = match events.next().await {
-            Some(Ok(step)) => step,
-            Some(Err(e)) => return Err(e),
-            None => return Err(ApiError::internal("no choice produced output")),
-        };
         let writer = Writer {
             id,
             created,
@@ -133,7 +113,7 @@ async fn run(
             permit,
             inflight,
         };
-        return Ok(generation::sse_response(ctx, first, events, writer));
+        return generation::sse_response(ctx, events, writer).await;
     }
 
     let steps = generation::collect(&state, events, &mut timer).await?;

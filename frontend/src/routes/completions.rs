@@ -10,7 +10,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use processor::ServedModel;
 
 use super::{
@@ -33,15 +32,8 @@ pub async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    match run(state.clone(), body, started).await {
-        Ok(response) => response,
-        Err(e) => {
-            state
-                .metrics
-                .request_done(&state.model.name, ENDPOINT, e.status);
-            e.into_response()
-        }
-    }
+    let result = run(state.clone(), body, started).await;
+    super::respond(&state, ENDPOINT, result)
 }
 
 /// A prompt as ids, and as text for `echo`.
@@ -144,22 +136,11 @@ async fn run(
         .collect();
 
     let id = request_id("cmpl");
-    let mut events = generation::start(
-        &state.router,
-        &state,
-        &id,
-        plans,
-        &req.common.stop_strings(),
-    );
+    let events = generation::start(&state, &id, plans, &req.common.stop_strings());
     let mut timer = Timer::new(started);
     let created = unix_now();
 
     if req.common.stream {
-        let first = match events.next().await {
-            Some(Ok(step)) => step,
-            Some(Err(e)) => return Err(e),
-            None => return Err(ApiError::internal("no choice produced output")),
-        };
         let writer = Writer {
             id,
             created,
@@ -178,7 +159,7 @@ async fn run(
             permit,
             inflight,
         };
-        return Ok(generation::sse_response(ctx, first, events, writer));
+        return generation::sse_response(ctx, events, writer).await;
     }
 
     let steps = generation::collect(&state, events, &mut timer).await?;

@@ -65,6 +65,17 @@ fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<B
     })
 }
 
+/// The response, or the error's; a failed request is counted here (a served one is counted when
+/// its response completes).
+fn respond(state: &AppState, endpoint: &str, result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(|e| {
+        state
+            .metrics
+            .request_done(&state.model.name, endpoint, e.status);
+        e.into_response()
+    })
+}
+
 fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     if model == state.model.name {
         Ok(())
