@@ -120,7 +120,10 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, load: watch::Sender<
             }
         };
         let mut shutdown = false;
-        for command in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+        for command in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
             match command {
                 Command::Add { request, events } => add(&mut engine, &mut streams, request, events),
                 Command::Abort(id) => {
@@ -150,7 +153,11 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, load: watch::Sender<
                 }
                 Err(e) => {
                     tracing::error!("engine step failed: {e}");
-                    fail_all(&mut engine, &mut streams, &format!("engine step failed: {e}"));
+                    fail_all(
+                        &mut engine,
+                        &mut streams,
+                        &format!("engine step failed: {e}"),
+                    );
                 }
             }
         }

@@ -130,7 +130,9 @@ async fn handle(host: Arc<EngineHost>, incoming: IncomingRequest) {
             }
             Some(EngineEvent::Tokens(delta)) => {
                 let finished = delta.finish_reason.is_some();
-                let sent = response.data(encode(&GenerateResponse::Tokens(delta))).await;
+                let sent = response
+                    .data(encode(&GenerateResponse::Tokens(delta)))
+                    .await;
                 if sent.is_ok() && finished {
                     let _ = response.end().await;
                     return;

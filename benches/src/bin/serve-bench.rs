@@ -227,7 +227,12 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {} (cargo build --release -p baton)", args.baton.display()))?;
+            .with_context(|| {
+                format!(
+                    "starting {} (cargo build --release -p baton)",
+                    args.baton.display()
+                )
+            })?;
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -324,7 +329,9 @@ enum Kind {
     /// The same with a text prompt of about as many tokens.
     CompletionText,
     Live,
-    StreamChat { max_tokens: usize },
+    StreamChat {
+        max_tokens: usize,
+    },
 }
 
 struct Load<'a> {
@@ -404,7 +411,10 @@ async fn one(load: &Load<'_>, seed: u64) -> Result<usize> {
                 .await?;
             let status = r.status();
             if !status.is_success() {
-                bail!("/v1/chat/completions answered {status}: {}", r.text().await?);
+                bail!(
+                    "/v1/chat/completions answered {status}: {}",
+                    r.text().await?
+                );
             }
             let mut all = Vec::with_capacity(32 << 10);
             let mut body = r.bytes_stream();
@@ -499,10 +509,18 @@ struct Figures(Vec<(&'static str, f64)>);
 
 impl Figures {
     fn get(&self, k: &str) -> f64 {
-        self.0.iter().find(|(n, _)| *n == k).map_or(f64::NAN, |(_, v)| *v)
+        self.0
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map_or(f64::NAN, |(_, v)| *v)
     }
     fn json(&self) -> Value {
-        Value::Object(self.0.iter().map(|(k, v)| (k.to_string(), json!(v))).collect())
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect(),
+        )
     }
 }
 
@@ -511,24 +529,46 @@ fn figures(runs: &[RunResult], requests: usize) -> Figures {
     let rq = requests as f64;
     let ms = 1000.0;
     // NaN (null in the JSON) where a run streams no tokens.
-    let tok = |r: &RunResult| if r.tokens == 0 { f64::NAN } else { r.tokens as f64 };
+    let tok = |r: &RunResult| {
+        if r.tokens == 0 {
+            f64::NAN
+        } else {
+            r.tokens as f64
+        }
+    };
     Figures(vec![
         ("req_per_s", per(&|r| rq / r.wall)),
         ("out_tok_per_s", per(&|r| r.tokens as f64 / r.wall)),
         ("lat_p50_ms", per(&|r| percentile(&r.latencies, 0.5) * ms)),
         ("lat_p90_ms", per(&|r| percentile(&r.latencies, 0.9) * ms)),
-        ("lat_mean_ms", per(&|r| r.latencies.iter().sum::<f64>() / rq * ms)),
-        ("server_cpu_ms_per_req", per(&|r| r.server.total() / rq * ms)),
+        (
+            "lat_mean_ms",
+            per(&|r| r.latencies.iter().sum::<f64>() / rq * ms),
+        ),
+        (
+            "server_cpu_ms_per_req",
+            per(&|r| r.server.total() / rq * ms),
+        ),
         ("engine_cpu_ms_per_req", per(&|r| r.server.engine / rq * ms)),
-        ("engine_busy_ms_per_req", per(&|r| r.server.engine_main / rq * ms)),
-        ("frontend_cpu_ms_per_req", per(&|r| r.server.frontend / rq * ms)),
-        ("frontend_cpu_ms_per_token", per(&|r| r.server.frontend / tok(r) * ms)),
+        (
+            "engine_busy_ms_per_req",
+            per(&|r| r.server.engine_main / rq * ms),
+        ),
+        (
+            "frontend_cpu_ms_per_req",
+            per(&|r| r.server.frontend / rq * ms),
+        ),
+        (
+            "frontend_cpu_ms_per_token",
+            per(&|r| r.server.frontend / tok(r) * ms),
+        ),
         ("exited_threads_cpu_ms", per(&|r| r.server.exited * ms)),
         // Latency not spent in the busy engine loop, per request: HTTP, processor, router,
         // request plane, scheduling on a shared CPU. Meaningful at concurrency 1.
-        ("added_latency_ms", per(&|r| {
-            (r.latencies.iter().sum::<f64>() - r.server.engine_main) / rq * ms
-        })),
+        (
+            "added_latency_ms",
+            per(&|r| (r.latencies.iter().sum::<f64>() - r.server.engine_main) / rq * ms),
+        ),
         ("client_cpu_ms_per_req", per(&|r| r.client_cpu / rq * ms)),
     ])
 }
@@ -555,8 +595,14 @@ async fn bench(args: &Args, pid: u32, base: &str, tick: f64) -> Result<Value> {
                    kind: Kind,
                    n: usize,
                    c: usize|
-     -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(String, Figures)>> + '_>> {
-        let http = if conn == Conn::KeepAlive { &keep } else { &fresh };
+     -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(String, Figures)>> + '_>,
+    > {
+        let http = if conn == Conn::KeepAlive {
+            &keep
+        } else {
+            &fresh
+        };
         seed += 1 << 16;
         let seed = seed;
         Box::pin(async move {
@@ -584,7 +630,16 @@ async fn bench(args: &Args, pid: u32, base: &str, tick: f64) -> Result<Value> {
     );
     println!(
         "{:<34} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
-        "", "req/s", "p50 ms", "p90 ms", "server", "engine", "eng busy", "frontend", "added", "client"
+        "",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "server",
+        "engine",
+        "eng busy",
+        "frontend",
+        "added",
+        "client"
     );
     println!(
         "{:<34} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
@@ -611,10 +666,19 @@ async fn bench(args: &Args, pid: u32, base: &str, tick: f64) -> Result<Value> {
         );
     };
     for conn in [Conn::KeepAlive, Conn::NewPerRequest] {
-        let (label, f) = run(format!("GET /live, {}, c=1", conn.name()), conn, Kind::Live, args.requests, 1).await?;
+        let (label, f) = run(
+            format!("GET /live, {}, c=1", conn.name()),
+            conn,
+            Kind::Live,
+            args.requests,
+            1,
+        )
+        .await?;
         row_a(&label, &f, 1);
-        results.push(json!({"phase": "A", "route": "/live", "conn": conn.name(), "concurrency": 1,
-                            "requests": args.requests, "figures": f.json()}));
+        results.push(
+            json!({"phase": "A", "route": "/live", "conn": conn.name(), "concurrency": 1,
+                            "requests": args.requests, "figures": f.json()}),
+        );
     }
     let configs = [
         (Kind::Completion, Conn::KeepAlive),
@@ -623,7 +687,11 @@ async fn bench(args: &Args, pid: u32, base: &str, tick: f64) -> Result<Value> {
     ];
     for &c in &args.concurrency {
         for (kind, conn) in configs {
-            let prompt = if kind == Kind::Completion { "ids" } else { "text" };
+            let prompt = if kind == Kind::Completion {
+                "ids"
+            } else {
+                "text"
+            };
             let (label, f) = run(
                 format!("completions {prompt}, {}, c={c}", conn.name()),
                 conn,
@@ -633,10 +701,12 @@ async fn bench(args: &Args, pid: u32, base: &str, tick: f64) -> Result<Value> {
             )
             .await?;
             row_a(&label, &f, c);
-            results.push(json!({"phase": "A", "route": "/v1/completions", "conn": conn.name(),
+            results.push(
+                json!({"phase": "A", "route": "/v1/completions", "conn": conn.name(),
                                 "concurrency": c, "requests": args.requests,
                                 "prompt": prompt, "prompt_len": args.prompt_len,
-                                "max_tokens": 1, "figures": f.json()}));
+                                "max_tokens": 1, "figures": f.json()}),
+            );
         }
     }
 
@@ -665,14 +735,17 @@ async fn bench(args: &Args, pid: u32, base: &str, tick: f64) -> Result<Value> {
         let (ln, many) = run(
             format!("stream chat {} tok, c={c}", args.stream_tokens),
             Conn::KeepAlive,
-            Kind::StreamChat { max_tokens: args.stream_tokens },
+            Kind::StreamChat {
+                max_tokens: args.stream_tokens,
+            },
             args.stream_requests,
             c,
         )
         .await?;
         // What one more streamed token costs outside the engine: the difference between the
         // long and the 1-token streams, per extra token.
-        let marginal = (many.get("frontend_cpu_ms_per_req") - one_tok.get("frontend_cpu_ms_per_req"))
+        let marginal = (many.get("frontend_cpu_ms_per_req")
+            - one_tok.get("frontend_cpu_ms_per_req"))
             / (args.stream_tokens - 1) as f64;
         for (label, f, m) in [(l1, &one_tok, None), (ln, &many, Some(marginal))] {
             println!(
@@ -686,15 +759,19 @@ async fn bench(args: &Args, pid: u32, base: &str, tick: f64) -> Result<Value> {
                 m.map_or("".to_string(), |m| format!("{m:.4}")),
             );
         }
-        results.push(json!({"phase": "B", "route": "/v1/chat/completions", "stream": true,
+        results.push(
+            json!({"phase": "B", "route": "/v1/chat/completions", "stream": true,
                             "conn": "keep-alive", "concurrency": c,
                             "requests": args.stream_requests, "max_tokens": 1,
-                            "figures": one_tok.json()}));
-        results.push(json!({"phase": "B", "route": "/v1/chat/completions", "stream": true,
+                            "figures": one_tok.json()}),
+        );
+        results.push(
+            json!({"phase": "B", "route": "/v1/chat/completions", "stream": true,
                             "conn": "keep-alive", "concurrency": c,
                             "requests": args.stream_requests, "max_tokens": args.stream_tokens,
                             "figures": many.json(),
-                            "frontend_marginal_cpu_ms_per_token": marginal}));
+                            "frontend_marginal_cpu_ms_per_token": marginal}),
+        );
     }
     Ok(json!({
         "idle_server_cpu_ms_per_s": {"engine": idle.engine / idle.wall * 1e3,

@@ -260,7 +260,10 @@ mod tests {
         .unwrap();
         assert_eq!(r.common.max_tokens(), Some(9), "max_completion_tokens wins");
         assert!(r.common.ignore_eos(), "nvext.ignore_eos counts");
-        assert!(r.common.stop_strings().is_empty(), "ignore_eos clears stop strings");
+        assert!(
+            r.common.stop_strings().is_empty(),
+            "ignore_eos clears stop strings"
+        );
         assert!(r.common.stream && r.common.include_usage());
         let plain: CompletionRequest =
             parse(br#"{"model":"m","prompt":"x","max_tokens":5,"stop":"END"}"#).unwrap();

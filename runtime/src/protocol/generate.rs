@@ -118,6 +118,9 @@ mod tests {
             param: None,
         })
         .unwrap();
-        assert_eq!(json, serde_json::json!({"type": "rejected", "message": "x"}));
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "rejected", "message": "x"})
+        );
     }
 }
