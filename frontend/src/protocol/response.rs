@@ -163,29 +163,35 @@ impl ChatMessageOut {
     }
 }
 
+/// A streamed chunk of either endpoint; they differ only in their choice type and `object`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ChatCompletionChunk {
+pub struct Chunk<C> {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
-    pub choices: Vec<ChatChunkChoice>,
+    pub choices: Vec<C>,
     #[serde(skip_serializing_if = "UsageField::is_omit")]
     pub usage: UsageField,
 }
 
-impl ChatCompletionChunk {
+/// A choice type that streams, and the `object` name of its chunks.
+pub trait ChunkChoice {
+    const OBJECT: &'static str;
+}
+
+impl<C: ChunkChoice> Chunk<C> {
     /// A chunk with choices; `usage` is `UsageField::for_stream(include_usage)`.
     pub fn new(
         id: impl Into<String>,
         created: u64,
         model: impl Into<String>,
-        choices: Vec<ChatChunkChoice>,
+        choices: Vec<C>,
         usage: UsageField,
     ) -> Self {
         Self {
             id: id.into(),
-            object: CHAT_COMPLETION_CHUNK_OBJECT,
+            object: C::OBJECT,
             created,
             model: model.into(),
             choices,
@@ -202,6 +208,12 @@ impl ChatCompletionChunk {
     ) -> Self {
         Self::new(id, created, model, Vec::new(), UsageField::Some(usage))
     }
+}
+
+pub type ChatCompletionChunk = Chunk<ChatChunkChoice>;
+
+impl ChunkChoice for ChatChunkChoice {
+    const OBJECT: &'static str = CHAT_COMPLETION_CHUNK_OBJECT;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -352,45 +364,10 @@ impl CompletionChoice {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CompletionChunk {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<CompletionChoice>,
-    #[serde(skip_serializing_if = "UsageField::is_omit")]
-    pub usage: UsageField,
-}
+pub type CompletionChunk = Chunk<CompletionChoice>;
 
-impl CompletionChunk {
-    /// A chunk with choices; `usage` is `UsageField::for_stream(include_usage)`.
-    pub fn new(
-        id: impl Into<String>,
-        created: u64,
-        model: impl Into<String>,
-        choices: Vec<CompletionChoice>,
-        usage: UsageField,
-    ) -> Self {
-        Self {
-            id: id.into(),
-            object: TEXT_COMPLETION_OBJECT,
-            created,
-            model: model.into(),
-            choices,
-            usage,
-        }
-    }
-
-    /// The last chunk of a stream that asked for usage: `"choices": []` and the usage.
-    pub fn usage_only(
-        id: impl Into<String>,
-        created: u64,
-        model: impl Into<String>,
-        usage: Usage,
-    ) -> Self {
-        Self::new(id, created, model, Vec::new(), UsageField::Some(usage))
-    }
+impl ChunkChoice for CompletionChoice {
+    const OBJECT: &'static str = TEXT_COMPLETION_OBJECT;
 }
 
 /// Legacy completions logprobs: parallel arrays, one entry per generated token.
