@@ -83,10 +83,6 @@ impl EngineHost {
         self.load.borrow().clone()
     }
 
-    pub fn load_watch(&self) -> watch::Receiver<WorkerLoad> {
-        self.load.clone()
-    }
-
     /// Fails every request still running and joins the thread.
     pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);

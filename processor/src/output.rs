@@ -54,10 +54,6 @@ impl ChoiceOutput {
         self.generated
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-
     pub fn push(&mut self, delta: &TokenDelta) -> Result<OutputStep, DetokenizeError> {
         let mut step = OutputStep::default();
         if self.finished {

@@ -78,10 +78,6 @@ impl Router {
         })
     }
 
-    pub fn policy_name(&self) -> &'static str {
-        self.policy.name()
-    }
-
     pub fn instances(&self) -> Vec<Instance> {
         self.instances
             .read()
