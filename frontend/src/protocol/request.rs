@@ -54,11 +54,14 @@ impl CommonParams {
 
     /// The engine's parameters for this request, checked with the engine's own ranges.
     /// `max_tokens` is resolved by the caller (it depends on the prompt and the context);
-    /// `logprobs` is the number of alternatives, if any were asked for.
+    /// `logprobs` is the number of alternatives, if any were asked for, and `logprobs_field`
+    /// the request field that carried it (`logprobs` in completions, `top_logprobs` in chat),
+    /// so an error names what the client sent.
     pub fn sampling_params(
         &self,
         max_tokens: usize,
         logprobs: Option<usize>,
+        logprobs_field: &'static str,
     ) -> Result<SamplingParams, ApiError> {
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
@@ -86,9 +89,14 @@ impl CommonParams {
             ignore_eos: self.ignore_eos(),
             stop_token_ids: Vec::new(),
         };
-        params
-            .validate()
-            .map_err(|e| ApiError::bad_param(e.param, e.reason))?;
+        params.validate().map_err(|e| {
+            let param = if e.param == "logprobs" {
+                logprobs_field
+            } else {
+                e.param
+            };
+            ApiError::bad_param(param, e.reason)
+        })?;
         Ok(params)
     }
 
@@ -278,7 +286,7 @@ mod tests {
             br#"{"model":"m","prompt":"x","top_k":-1,"seed":3,"min_tokens":2,"ignore_eos":true}"#,
         )
         .unwrap();
-        let p = r.common.sampling_params(10, Some(2)).unwrap();
+        let p = r.common.sampling_params(10, Some(2), "logprobs").unwrap();
         assert_eq!(p.temperature, 1.0, "OpenAI's default temperature");
         assert_eq!(
             (p.top_k, p.seed, p.min_tokens, p.max_tokens),
@@ -295,7 +303,7 @@ mod tests {
         ] {
             let r: CompletionRequest =
                 parse(format!(r#"{{"model":"m","prompt":"x",{body}}}"#).as_bytes()).unwrap();
-            let e = r.common.sampling_params(10, None).unwrap_err();
+            let e = r.common.sampling_params(10, None, "logprobs").unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}");
         }
     }

@@ -69,17 +69,7 @@ async fn run(
     )?;
     let sampling = req
         .common
-        .sampling_params(max_tokens, logprobs)
-        .map_err(|mut e| {
-            // Chat asks for the count in `top_logprobs`; `logprobs` is only the switch.
-            if e.param.as_deref() == Some("logprobs") {
-                e = ApiError::bad_param(
-                    "top_logprobs",
-                    e.message.replacen("`logprobs`", "", 1).trim(),
-                );
-            }
-            e
-        })?;
+        .sampling_params(max_tokens, logprobs, "top_logprobs")?;
     let n = choices(&req.common)?;
 
     let id = request_id("chatcmpl");

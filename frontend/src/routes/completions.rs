@@ -119,7 +119,9 @@ async fn run(
             Some(DEFAULT_MAX_TOKENS),
             "prompt",
         )?;
-        let sampling = req.common.sampling_params(max_tokens, logprobs)?;
+        let sampling = req
+            .common
+            .sampling_params(max_tokens, logprobs, "logprobs")?;
         let ids = Arc::new(input.ids.clone());
         for i in 0..n {
             plans.push(ChoicePlan {
