@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use engine::{
     build_engine, loader, parse_device, parse_kind, EngineOptions, FinishReason, Request,
+    RequestOutput,
     SamplingParams,
 };
 use processor::{ChatMessage, ChatTemplate};
@@ -112,12 +113,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut finish = FinishReason::Length;
     while engine.has_unfinished() {
         for out in engine.step()? {
-            if let Some(e) = out.error {
-                bail!("generation failed: {e}");
+            if let RequestOutput::Failed { error, .. } = &out {
+                bail!("generation failed: {error}");
             }
             first_token_at.get_or_insert_with(Instant::now);
-            token_ids.extend(out.new_tokens.iter().map(|t| t.token));
-            if let Some(f) = out.finish_reason {
+            token_ids.extend(out.tokens().iter().map(|t| t.token));
+            if let Some(f) = out.finish_reason() {
                 finish = f;
             }
         }

@@ -8,7 +8,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
-use engine::{Engine, EngineError, Request, RequestOutput};
+use engine::{Engine, Request, RequestOutput};
 use runtime::protocol::{GenerateRequest, TokenDelta, TokenLogprob, WorkerLoad};
 use tokio::sync::{mpsc, watch};
 
@@ -182,60 +182,48 @@ fn add(
         }
         Err(e) => {
             let _ = events.send(EngineEvent::Rejected {
-                param: culprit(&e).map(str::to_string),
+                param: e.param().map(str::to_string),
                 message: e.to_string(),
             });
         }
     }
 }
 
-/// The request field an admission error is about.
-fn culprit(e: &EngineError) -> Option<&'static str> {
-    match e {
-        EngineError::ContextExceeded { .. } | EngineError::SequenceTooLong { .. } => {
-            Some("max_tokens")
-        }
-        EngineError::InvalidParameter { param, .. } => Some(param),
-        EngineError::EmptyPrompt | EngineError::TokenOutOfVocab { .. } => Some("prompt"),
-        _ => None,
-    }
-}
-
 fn dispatch(engine: &mut Engine, streams: &mut HashMap<String, Stream>, out: RequestOutput) {
-    let Some(stream) = streams.get(&out.request_id) else {
+    let Some(stream) = streams.get(out.request_id()) else {
         return;
     };
-    let event = if let Some(e) = out.error {
-        EngineEvent::Failed(e)
-    } else {
-        if out.new_tokens.is_empty() && out.finish_reason.is_none() {
-            return;
+    let event = match &out {
+        RequestOutput::Failed { error, .. } => EngineEvent::Failed(error.to_string()),
+        RequestOutput::Tokens { tokens, .. } if tokens.is_empty() => return,
+        RequestOutput::Tokens { tokens, usage, .. }
+        | RequestOutput::Finished { tokens, usage, .. } => {
+            let logprobs = if stream.logprobs {
+                tokens
+                    .iter()
+                    .map(|t| TokenLogprob {
+                        logprob: t.logprob,
+                        top: t.top_logprobs.clone(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            EngineEvent::Tokens(TokenDelta {
+                token_ids: tokens.iter().map(|t| t.token).collect(),
+                logprobs,
+                finish_reason: out.finish_reason(),
+                prompt_tokens: usage.prompt_tokens,
+                cached_tokens: usage.cached_tokens,
+            })
         }
-        let logprobs = if stream.logprobs {
-            out.new_tokens
-                .iter()
-                .map(|t| TokenLogprob {
-                    logprob: t.logprob,
-                    top: t.top_logprobs.clone(),
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        EngineEvent::Tokens(TokenDelta {
-            token_ids: out.new_tokens.iter().map(|t| t.token).collect(),
-            logprobs,
-            finish_reason: out.finish_reason,
-            prompt_tokens: out.prompt_tokens,
-            cached_tokens: out.cached_tokens,
-        })
     };
-    let ended = !matches!(&event, EngineEvent::Tokens(d) if d.finish_reason.is_none());
+    let id = out.request_id();
     if stream.events.send(event).is_err() {
-        engine.abort(&out.request_id);
-        streams.remove(&out.request_id);
-    } else if ended {
-        streams.remove(&out.request_id);
+        engine.abort(id);
+        streams.remove(id);
+    } else if out.is_final() {
+        streams.remove(id);
     }
 }
 

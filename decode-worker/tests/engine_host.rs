@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_decode_worker::{worker_endpoint, DecodeWorker, EngineEvent, EngineHost};
+use decode_worker::{worker_endpoint, DecodeWorker, EngineEvent, EngineHost};
 use engine::model::ForwardBatch;
 use engine::{Engine, EngineConfig, Executor};
 use router::{RoundRobin, Router};

@@ -1,5 +1,9 @@
-//! Builds a ready engine from a loaded model: places the weights, sizes the KV cache.
+//! Builds ready engines from a loaded model: places the weights once ([`SharedModel`]), then
+//! gives each engine its own KV cache over those weights.
 
+use std::sync::mpsc::Sender;
+
+use runtime::kv_event::KvEvent;
 use tch::{Device, Kind};
 
 use crate::card::ModelCard;
@@ -24,6 +28,9 @@ pub struct EngineOptions {
     pub enable_prefix_caching: bool,
     /// Caps the model's own context length.
     pub max_model_len: Option<usize>,
+    /// Where the block manager reports Stored/Removed/Cleared (the worker forwards them to the
+    /// event plane); `None` keeps them in the engine.
+    pub kv_events: Option<Sender<KvEvent>>,
 }
 
 impl Default for EngineOptions {
@@ -38,6 +45,7 @@ impl Default for EngineOptions {
             max_num_batched_tokens: 2048,
             enable_prefix_caching: true,
             max_model_len: None,
+            kv_events: None,
         }
     }
 }
@@ -98,43 +106,63 @@ impl EngineOptions {
     }
 }
 
-/// Takes the weights into a model on `opts.device` and returns the engine and the card.
+/// A model placed on its device in its compute dtype, from which any number of engines are
+/// built; they share the weight tensors (one copy in memory for `baton serve --workers N`).
+pub struct SharedModel {
+    model: Llama,
+    card: ModelCard,
+}
+
+impl SharedModel {
+    /// Takes the weights of `loaded` into a model of `kind` on `device`.
+    pub fn new(loaded: LoadedModel, kind: Kind, device: Device) -> Result<Self> {
+        let LoadedModel { card, mut weights } = loaded;
+        let model = Llama::new(&card.config, &mut weights, kind, device)?;
+        Ok(SharedModel { model, card })
+    }
+
+    /// The card as an engine built with `opts` accepts requests.
+    pub fn card(&self, opts: &EngineOptions) -> ModelCard {
+        self.card.clone().with_max_model_len(opts.max_model_len)
+    }
+
+    /// A new engine over the shared weights with its own KV cache and scheduler. `opts.kind`
+    /// and `opts.device` are the model's: the weights were placed when it was loaded.
+    pub fn engine(&self, opts: &EngineOptions) -> Result<(Engine, ModelCard)> {
+        opts.check()?;
+        let card = self.card(opts);
+        let kind = self.model.kind();
+        let num_blocks = opts.num_blocks.unwrap_or_else(|| {
+            let per_block = KvCache::bytes_per_block(&card.config, opts.block_size, kind);
+            (opts.kv_cache_bytes / per_block).max(1)
+        });
+        if num_blocks == 0 {
+            return Err(EngineError::InvalidParameter {
+                param: "num_blocks",
+                reason: "must be positive".to_string(),
+            });
+        }
+        tracing::info!(
+            num_blocks,
+            block_size = opts.block_size,
+            ?kind,
+            "KV cache ready"
+        );
+        let executor = ModelExecutor::new(self.model.share(), num_blocks, opts.block_size);
+        let config = EngineConfig {
+            max_num_seqs: opts.max_num_seqs,
+            max_num_batched_tokens: opts.max_num_batched_tokens,
+            enable_prefix_caching: opts.enable_prefix_caching,
+            eos_token_ids: card.eos_token_ids.clone(),
+            max_context: card.max_context,
+        };
+        let engine = Engine::new(Box::new(executor), config, opts.kv_events.clone());
+        Ok((engine, card))
+    }
+}
+
+/// Takes the weights into a model on `opts.device` and returns one engine and the card.
 pub fn build_engine(loaded: LoadedModel, opts: &EngineOptions) -> Result<(Engine, ModelCard)> {
     opts.check()?;
-    let LoadedModel {
-        mut card,
-        mut weights,
-    } = loaded;
-    let model = Llama::new(&card.config, &mut weights, opts.kind, opts.device)?;
-    let max_context = opts
-        .max_model_len
-        .map_or(card.max_context, |m| m.min(card.max_context))
-        .min(card.config.max_position_embeddings);
-    // The card reports what this engine accepts, so the frontend checks the same limit.
-    card.max_context = max_context;
-    let num_blocks = opts.num_blocks.unwrap_or_else(|| {
-        let per_block = KvCache::bytes_per_block(&card.config, opts.block_size, opts.kind);
-        (opts.kv_cache_bytes / per_block).max(1)
-    });
-    if num_blocks == 0 {
-        return Err(EngineError::InvalidParameter {
-            param: "num_blocks",
-            reason: "must be positive".to_string(),
-        });
-    }
-    tracing::info!(
-        num_blocks,
-        block_size = opts.block_size,
-        kind = ?opts.kind,
-        "KV cache ready"
-    );
-    let executor = ModelExecutor::new(model, num_blocks, opts.block_size);
-    let config = EngineConfig {
-        max_num_seqs: opts.max_num_seqs,
-        max_num_batched_tokens: opts.max_num_batched_tokens,
-        enable_prefix_caching: opts.enable_prefix_caching,
-        eos_token_ids: card.eos_token_ids.clone(),
-        max_context,
-    };
-    Ok((Engine::new(Box::new(executor), config, None), card))
+    SharedModel::new(loaded, opts.kind, opts.device)?.engine(opts)
 }

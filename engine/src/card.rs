@@ -19,6 +19,17 @@ pub struct ModelCard {
     pub max_context: usize,
 }
 
+impl ModelCard {
+    /// The card with its context capped by `--max-model-len` and the model's position table:
+    /// the one place the limit is applied, so frontend and engine check the same number.
+    pub fn with_max_model_len(mut self, max_model_len: Option<usize>) -> Self {
+        self.max_context = max_model_len
+            .map_or(self.max_context, |m| m.min(self.max_context))
+            .min(self.config.max_position_embeddings);
+        self
+    }
+}
+
 impl std::fmt::Debug for ModelCard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelCard")

@@ -5,11 +5,12 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 use runtime::kv_event::KvEvent;
 
 use crate::block_manager::{BlockManager, BlockManagerConfig, SeqId};
-use crate::error::{EngineError, Result};
+use crate::error::{AdmissionError, EngineError, Result};
 use crate::executor::Executor;
 use crate::model::{ForwardBatch, SeqChunk};
 use crate::sampler::{sample, SampledToken, SamplerRow, SamplingParams, SequenceRng};
@@ -38,14 +39,73 @@ pub use runtime::protocol::FinishReason;
 
 /// What one step produced for one request.
 #[derive(Clone, Debug)]
-pub struct RequestOutput {
-    pub request_id: String,
-    pub new_tokens: Vec<SampledToken>,
-    pub finish_reason: Option<FinishReason>,
+pub enum RequestOutput {
+    /// New tokens; the request goes on.
+    Tokens {
+        request_id: String,
+        tokens: Vec<SampledToken>,
+        usage: PromptUsage,
+    },
+    /// The last tokens; the request is gone from the engine.
+    Finished {
+        request_id: String,
+        tokens: Vec<SampledToken>,
+        reason: FinishReason,
+        usage: PromptUsage,
+    },
+    /// The step that ran it failed; the request is gone from the engine, its blocks free.
+    Failed {
+        request_id: String,
+        error: Arc<EngineError>,
+    },
+}
+
+/// Prompt facts every token output carries, for usage reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PromptUsage {
     pub prompt_tokens: usize,
+    /// Prompt tokens served from the prefix cache at admission.
     pub cached_tokens: usize,
-    /// Set when the request failed in this step; it is gone from the engine, its blocks free.
-    pub error: Option<String>,
+}
+
+impl RequestOutput {
+    pub fn request_id(&self) -> &str {
+        match self {
+            RequestOutput::Tokens { request_id, .. }
+            | RequestOutput::Finished { request_id, .. }
+            | RequestOutput::Failed { request_id, .. } => request_id,
+        }
+    }
+
+    /// The tokens this output adds (none for a failure).
+    pub fn tokens(&self) -> &[SampledToken] {
+        match self {
+            RequestOutput::Tokens { tokens, .. } | RequestOutput::Finished { tokens, .. } => tokens,
+            RequestOutput::Failed { .. } => &[],
+        }
+    }
+
+    /// Prompt and cached-token counts (none for a failure).
+    pub fn usage(&self) -> Option<PromptUsage> {
+        match self {
+            RequestOutput::Tokens { usage, .. } | RequestOutput::Finished { usage, .. } => {
+                Some(*usage)
+            }
+            RequestOutput::Failed { .. } => None,
+        }
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        match self {
+            RequestOutput::Finished { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// Whether the request is over (finished or failed).
+    pub fn is_final(&self) -> bool {
+        !matches!(self, RequestOutput::Tokens { .. })
+    }
 }
 
 /// Blocks reserved for a prompt that a prefill worker will fill.
@@ -106,9 +166,9 @@ impl Engine {
         }
     }
 
-    fn validate(&self, req: &Request) -> Result<()> {
+    fn validate(&self, req: &Request) -> Result<(), AdmissionError> {
         if req.prompt_token_ids.is_empty() {
-            return Err(EngineError::EmptyPrompt);
+            return Err(AdmissionError::EmptyPrompt);
         }
         let vocab_size = self.executor.vocab_size();
         if let Some(&token) = req
@@ -116,12 +176,12 @@ impl Engine {
             .iter()
             .find(|&&t| t as usize >= vocab_size)
         {
-            return Err(EngineError::TokenOutOfVocab { token, vocab_size });
+            return Err(AdmissionError::TokenOutOfVocab { token, vocab_size });
         }
         req.params.validate()?;
         let total = req.prompt_token_ids.len() + req.params.max_tokens;
         if total > self.config.max_context {
-            return Err(EngineError::ContextExceeded {
+            return Err(AdmissionError::ContextExceeded {
                 prompt_tokens: req.prompt_token_ids.len(),
                 max_tokens: req.params.max_tokens,
                 context: self.config.max_context,
@@ -129,13 +189,13 @@ impl Engine {
         }
         let needed_blocks = total.div_ceil(self.executor.block_size());
         if needed_blocks > self.executor.num_blocks() {
-            return Err(EngineError::SequenceTooLong {
+            return Err(AdmissionError::SequenceTooLong {
                 needed_blocks,
                 total_blocks: self.executor.num_blocks(),
             });
         }
         if self.ids.contains_key(&req.request_id) {
-            return Err(EngineError::DuplicateRequest(req.request_id.clone()));
+            return Err(AdmissionError::DuplicateRequest(req.request_id.clone()));
         }
         Ok(())
     }
@@ -158,7 +218,8 @@ impl Engine {
         }
     }
 
-    pub fn add_request(&mut self, req: Request) -> Result<()> {
+    /// Queues a request; a refusal says which request field is at fault.
+    pub fn add_request(&mut self, req: Request) -> Result<(), AdmissionError> {
         self.validate(&req)?;
         let seq = self.new_sequence(req, SeqStatus::Waiting);
         self.scheduler.add(seq);
@@ -194,7 +255,10 @@ impl Engine {
 
     /// Reserves KV blocks for a prompt whose prefill runs elsewhere (disaggregation). The
     /// request waits, outside the batch, until `complete_remote_prefill` or `abort`.
-    pub fn add_remote_prefill_request(&mut self, req: Request) -> Result<RemotePrefillSlot> {
+    pub fn add_remote_prefill_request(
+        &mut self,
+        req: Request,
+    ) -> Result<RemotePrefillSlot, AdmissionError> {
         self.validate(&req)?;
         let seq = self.new_sequence(req, SeqStatus::RemotePrefill);
         let id = seq.id;
@@ -215,9 +279,9 @@ impl Engine {
                     cached_tokens: cached,
                 })
             }
-            Err(e) => {
+            Err(_) => {
                 self.ids.remove(&seq.request_id);
-                Err(e.into())
+                Err(AdmissionError::NoFreeBlocks(seq.request_id))
             }
         }
     }
@@ -247,6 +311,34 @@ impl Engine {
         Ok(self.append_token(id, first))
     }
 
+    /// The KV blocks `request_id` holds, in sequence order (`None` for an unknown request).
+    pub fn block_table(&self, request_id: &str) -> Option<Vec<u32>> {
+        let id = self.ids.get(request_id)?;
+        self.scheduler.blocks.block_table(*id).map(<[u32]>::to_vec)
+    }
+
+    /// Bytes of one KV block over every layer: the unit [`Engine::read_kv_blocks`] hands out.
+    pub fn kv_block_bytes(&self) -> usize {
+        self.executor.kv_block_bytes()
+    }
+
+    /// Copies whole KV blocks (every layer) out of the cache, for another engine to take.
+    pub fn read_kv_blocks(&self, block_ids: &[u32]) -> Result<Vec<Vec<u8>>> {
+        block_ids
+            .iter()
+            .map(|&b| self.executor.read_kv_block(b))
+            .collect()
+    }
+
+    /// Overwrites whole KV blocks with what [`Engine::read_kv_blocks`] gave on an engine of the
+    /// same model and cache layout (a remote prefill's result).
+    pub fn write_kv_blocks(&mut self, block_ids: &[u32], data: &[Vec<u8>]) -> Result<()> {
+        for (&b, bytes) in block_ids.iter().zip(data) {
+            self.executor.write_kv_block(b, bytes)?;
+        }
+        Ok(())
+    }
+
     /// Runs one scheduled step. If the forward pass or sampling fails, every request it
     /// touched ends with an output carrying the error (blocks freed) and the engine stays usable.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
@@ -258,7 +350,7 @@ impl Engine {
             Ok(l) => l,
             Err(e) => {
                 let ids: Vec<SeqId> = scheduled.iter().map(|c| c.seq).collect();
-                return Ok(self.fail(&ids, &e));
+                return Ok(self.fail(&ids, e));
             }
         };
         for c in &scheduled {
@@ -279,7 +371,7 @@ impl Engine {
         let sampled = self.sample(&logits, &to_sample);
         let sampled = match sampled {
             Ok(s) => s,
-            Err(e) => return Ok(self.fail(&to_sample, &e)),
+            Err(e) => return Ok(self.fail(&to_sample, e)),
         };
         Ok(to_sample
             .into_iter()
@@ -361,32 +453,39 @@ impl Engine {
         } else {
             None
         };
-        let output = RequestOutput {
-            request_id: seq.request_id.clone(),
-            new_tokens: vec![tok],
-            finish_reason: finish,
+        let request_id = seq.request_id.clone();
+        let usage = PromptUsage {
             prompt_tokens: seq.prompt_len,
             cached_tokens: seq.cached_prompt_tokens.unwrap_or(0),
-            error: None,
         };
-        if finish.is_some() {
-            self.finish(id);
+        let tokens = vec![tok];
+        match finish {
+            None => RequestOutput::Tokens {
+                request_id,
+                tokens,
+                usage,
+            },
+            Some(reason) => {
+                self.finish(id);
+                RequestOutput::Finished {
+                    request_id,
+                    tokens,
+                    reason,
+                    usage,
+                }
+            }
         }
-        output
     }
 
-    fn fail(&mut self, ids: &[SeqId], error: &EngineError) -> Vec<RequestOutput> {
+    fn fail(&mut self, ids: &[SeqId], error: EngineError) -> Vec<RequestOutput> {
         tracing::error!(requests = ids.len(), %error, "step failed");
+        let error = Arc::new(error);
         let outputs = ids
             .iter()
             .filter_map(|id| self.scheduler.seqs.get(id))
-            .map(|seq| RequestOutput {
+            .map(|seq| RequestOutput::Failed {
                 request_id: seq.request_id.clone(),
-                new_tokens: Vec::new(),
-                finish_reason: None,
-                prompt_tokens: seq.prompt_len,
-                cached_tokens: seq.cached_prompt_tokens.unwrap_or(0),
-                error: Some(error.to_string()),
+                error: error.clone(),
             })
             .collect();
         for &id in ids {
@@ -459,16 +558,16 @@ mod tests {
                 .unwrap();
         }
         let out = engine.step().expect("failures are reported per request");
-        let mut failed: Vec<&str> = out.iter().map(|o| o.request_id.as_str()).collect();
+        let mut failed: Vec<&str> = out.iter().map(|o| o.request_id()).collect();
         failed.sort();
         assert_eq!(failed, ["a", "b"]);
         for o in &out {
-            assert!(o
-                .error
-                .as_deref()
-                .unwrap()
-                .contains("simulated device failure"));
-            assert!(o.finish_reason.is_none());
+            match o {
+                RequestOutput::Failed { error, .. } => {
+                    assert!(error.to_string().contains("simulated device failure"))
+                }
+                other => panic!("expected a failure, got {other:?}"),
+            }
         }
         assert!(!engine.has_unfinished());
         assert_eq!(engine.stats().kv_blocks_used, 0);

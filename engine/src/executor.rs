@@ -16,6 +16,22 @@ pub trait Executor: Send {
     fn num_blocks(&self) -> usize;
     fn block_size(&self) -> usize;
     fn vocab_size(&self) -> usize;
+
+    /// Bytes of one KV block over every layer (0 for an executor that keeps no KV).
+    fn kv_block_bytes(&self) -> usize {
+        0
+    }
+
+    /// Block `block` of every layer, layer after layer, each `[2, block_size, kv_heads,
+    /// head_dim]` in the cache dtype: what kv-transfer moves between workers.
+    fn read_kv_block(&self, block: u32) -> Result<Vec<u8>> {
+        Err(EngineError::NoKvCache(block))
+    }
+
+    /// Overwrites block `block` of every layer with bytes [`Executor::read_kv_block`] gave.
+    fn write_kv_block(&mut self, block: u32, _data: &[u8]) -> Result<()> {
+        Err(EngineError::NoKvCache(block))
+    }
 }
 
 pub struct ModelExecutor {
@@ -71,5 +87,17 @@ impl Executor for ModelExecutor {
 
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
+    }
+
+    fn kv_block_bytes(&self) -> usize {
+        self.cache.block_bytes()
+    }
+
+    fn read_kv_block(&self, block: u32) -> Result<Vec<u8>> {
+        self.cache.read_block(block)
+    }
+
+    fn write_kv_block(&mut self, block: u32, data: &[u8]) -> Result<()> {
+        self.cache.write_block(block, data)
     }
 }

@@ -20,10 +20,13 @@ pub mod scheduler;
 pub mod sequence;
 pub mod weights;
 
-pub use builder::{build_engine, parse_device, parse_kind, EngineOptions};
+pub use builder::{build_engine, parse_device, parse_kind, EngineOptions, SharedModel};
 pub use card::ModelCard;
 pub use config::{LlamaConfig, RopeScaling};
-pub use engine::{Engine, EngineConfig, EngineStats, FinishReason, Request, RequestOutput};
-pub use error::{EngineError, Result};
+pub use engine::{
+    Engine, EngineConfig, EngineStats, FinishReason, PromptUsage, RemotePrefillSlot, Request,
+    RequestOutput,
+};
+pub use error::{AdmissionError, EngineError, Result};
 pub use executor::{Executor, ModelExecutor};
 pub use sampler::{SampledToken, SamplingParams};

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use baton_engine::{build_engine, loader, Engine, EngineOptions, Request, SamplingParams};
+use engine::{build_engine, loader, Engine, EngineOptions, Request, SamplingParams};
 use common::tiny_llama::{
     write_tiny_llama, StoredTensor, TinyLlama, TinyLlamaOptions, LINEAR_LAYERS,
 };
@@ -59,7 +59,7 @@ fn first_step_top5(engine: &mut Engine) -> Vec<Vec<(u32, f32)>> {
                 .expect("request accepted");
             let out = engine.run_to_completion().expect("engine runs");
             assert_eq!(out.len(), 1, "one token for prompt {i}");
-            let top = out[0].new_tokens[0].top_logprobs.clone();
+            let top = out[0].tokens()[0].top_logprobs.clone();
             assert_eq!(top.len(), 5, "prompt {i}: five alternatives");
             top
         })
@@ -82,8 +82,8 @@ fn greedy_outputs(engine: &mut Engine) -> Vec<Vec<u32>> {
         .map(|i| {
             let id = format!("greedy-{i}");
             out.iter()
-                .filter(|o| o.request_id == id)
-                .flat_map(|o| o.new_tokens.iter().map(|t| t.token))
+                .filter(|o| o.request_id() == id)
+                .flat_map(|o| o.tokens().iter().map(|t| t.token))
                 .collect()
         })
         .collect()

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use baton_engine::loader::gguf::{self, GgufFile, MetadataValue};
-use baton_engine::loader::smollm2_path;
-use baton_engine::weights::{WeightTensor, Weights};
-use baton_engine::{EngineError, RopeScaling};
+use engine::loader::gguf::{self, GgufFile, MetadataValue};
+use engine::loader::smollm2_path;
+use engine::weights::{WeightTensor, Weights};
+use engine::{EngineError, RopeScaling};
 use half::{bf16, f16};
 
 // ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 //! (`../shared/golden/`, computed with transformers in float32), and invariance of greedy
 //! output under batching, chunked prefill and prefix-cache hits.
 
-use baton_engine::{
+use engine::{
     build_engine, loader, Engine, EngineOptions, FinishReason, Request, SamplingParams,
 };
 use serde_json::Value;
@@ -94,14 +94,14 @@ fn run(engine: &mut Engine, prompts: &[(String, Vec<u32>, usize)]) -> Vec<(Vec<u
     prompts
         .iter()
         .map(|(id, _, _)| {
-            let mine: Vec<_> = outputs.iter().filter(|o| &o.request_id == id).collect();
+            let mine: Vec<_> = outputs.iter().filter(|o| o.request_id() == id).collect();
             let tokens = mine
                 .iter()
-                .flat_map(|o| o.new_tokens.iter().map(|t| t.token))
+                .flat_map(|o| o.tokens().iter().map(|t| t.token))
                 .collect();
             let last = mine.last().expect("request produced output");
-            assert!(last.finish_reason.is_some(), "{id} finished");
-            (tokens, last.cached_tokens)
+            assert!(last.finish_reason().is_some(), "{id} finished");
+            (tokens, last.usage().unwrap().cached_tokens)
         })
         .collect()
 }
@@ -166,7 +166,7 @@ fn first_step_top5_and_logprobs_match_reference() {
             })
             .expect("accepted");
         let out = engine.run_to_completion().expect("runs");
-        let tok = &out[0].new_tokens[0];
+        let tok = &out[0].tokens()[0];
         let got: Vec<u32> = tok.top_logprobs.iter().map(|(t, _)| *t).collect();
         let want: Vec<u32> = top5.iter().map(|(t, _)| *t).collect();
         assert_eq!(got, want, "{id}: first-step top-5 ids");
@@ -177,7 +177,7 @@ fn first_step_top5_and_logprobs_match_reference() {
                 "{id}: logprob {lp} vs reference {expected}"
             );
         }
-        assert_eq!(out[0].finish_reason, Some(FinishReason::Length));
+        assert_eq!(out[0].finish_reason(), Some(FinishReason::Length));
     }
 }
 

@@ -7,9 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use baton_engine::loader::{self, hf, LoadedModel};
-use baton_engine::weights::{WeightTensor, Weights};
-use baton_engine::{EngineError, RopeScaling};
+use engine::loader::{self, hf, LoadedModel};
+use engine::weights::{WeightTensor, Weights};
+use engine::{EngineError, RopeScaling};
 use common::tiny_llama::{
     self, write_json, write_tiny_llama, StoredTensor, TinyLlama, TinyLlamaOptions,
 };

@@ -1,8 +1,8 @@
 //! The tokenizer and chat template rebuilt from the SmolLM2 GGUF against the golden outputs
 //! transformers produced (`shared/golden/`): ids, decoded text and rendered prompts, exactly.
 
-use baton_engine::loader::{gguf, smollm2_path};
-use baton_engine::ModelCard;
+use engine::loader::{gguf, smollm2_path};
+use engine::ModelCard;
 use processor::{ChatMessage, ChatTemplate};
 use serde_json::Value;
 

@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use baton_runtime::discovery::{
+use runtime::discovery::{
     Discovery, DiscoveryEvent, EndpointId, EtcdDiscovery, Instance, InstanceSpec,
 };
-use baton_runtime::infra::etcd::EtcdServer;
+use runtime::infra::etcd::EtcdServer;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// etcd's minimum lease TTL with default timings; keeps expiry tests short.
@@ -238,7 +238,7 @@ async fn instances_and_watchers_recover_from_an_etcd_restart() {
 
 #[tokio::test]
 async fn an_unreachable_etcd_is_reported_promptly_by_name() {
-    let url = format!("http://127.0.0.1:{}", baton_runtime::infra::free_port());
+    let url = format!("http://127.0.0.1:{}", runtime::infra::free_port());
     let started = Instant::now();
     let result = EtcdDiscovery::connect(std::slice::from_ref(&url), TTL).await;
     let took = started.elapsed();

@@ -7,8 +7,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use baton_runtime::infra::nats::NatsServer;
-use baton_runtime::work_queue::{JetStreamWorkQueue, Job, WorkQueue};
+use runtime::infra::nats::NatsServer;
+use runtime::work_queue::{JetStreamWorkQueue, Job, WorkQueue};
 
 const ACK_WAIT: Duration = Duration::from_secs(1);
 /// A model name with the characters JetStream names and subjects cannot hold.
@@ -198,7 +198,7 @@ async fn a_waiting_worker_survives_a_nats_restart() {
 
 #[tokio::test]
 async fn an_unreachable_nats_is_reported_promptly_by_name() {
-    let url = format!("nats://127.0.0.1:{}", baton_runtime::infra::free_port());
+    let url = format!("nats://127.0.0.1:{}", runtime::infra::free_port());
     let started = Instant::now();
     let result = JetStreamWorkQueue::connect(&url, "dynamo", MODEL, ACK_WAIT).await;
     let took = started.elapsed();

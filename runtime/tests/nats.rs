@@ -9,9 +9,9 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use baton_runtime::event_plane::{EventPlane, MemoryEventPlane, NatsEventPlane};
-use baton_runtime::infra::nats::NatsServer;
-use baton_runtime::request_plane::{
+use runtime::event_plane::{EventPlane, MemoryEventPlane, NatsEventPlane};
+use runtime::infra::nats::NatsServer;
+use runtime::request_plane::{
     IncomingRequest, NatsRequestPlane, RequestPlane, RequestPlaneError,
 };
 use tokio::sync::mpsc;
@@ -311,7 +311,7 @@ async fn events_fan_out_over_nats_and_in_memory() {
 
 #[tokio::test]
 async fn an_unreachable_nats_is_reported_promptly_by_name() {
-    let url = format!("nats://127.0.0.1:{}", baton_runtime::infra::free_port());
+    let url = format!("nats://127.0.0.1:{}", runtime::infra::free_port());
     let started = Instant::now();
     let requests = NatsRequestPlane::connect(&url, Duration::from_secs(1)).await;
     let events = NatsEventPlane::connect(&url).await;

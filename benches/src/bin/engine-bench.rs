@@ -76,8 +76,8 @@ fn run_batch(engine: &mut Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Re
             decode_steps += 1;
         }
         for o in &out {
-            output_tokens += o.new_tokens.len();
-            let i: usize = o.request_id[1..].parse()?;
+            output_tokens += o.tokens().len();
+            let i: usize = o.request_id()[1..].parse()?;
             if !first[i] {
                 first[i] = true;
                 if i == 0 {

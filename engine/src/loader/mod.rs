@@ -60,3 +60,14 @@ pub fn load(model: &str) -> Result<LoadedModel> {
         gguf::load(&path)
     }
 }
+
+/// Reads only the card (config, tokenizer, chat template, limits) of a model, leaving its
+/// tensors on disk: what a frontend needs.
+pub fn load_card(model: &str) -> Result<ModelCard> {
+    let path = resolve(model)?;
+    if path.is_dir() {
+        hf::load_card(&path)
+    } else {
+        gguf::load_card(&path)
+    }
+}

@@ -20,6 +20,22 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// The same layer over the same weight storage (no copy).
+    pub fn share(&self) -> Linear {
+        match self {
+            Linear::Dense { weight } => Linear::Dense {
+                weight: weight.shallow_clone(),
+            },
+            Linear::DenseT { weight_t } => Linear::DenseT {
+                weight_t: weight_t.shallow_clone(),
+            },
+            Linear::Fp8 { weight_t, scale } => Linear::Fp8 {
+                weight_t: weight_t.shallow_clone(),
+                scale: scale.shallow_clone(),
+            },
+        }
+    }
+
     /// Builds a layer from several `[out_i, in]` weights stacked along the output dimension
     /// (fused q/k/v or gate/up: one matmul instead of several per step).
     pub fn fused(parts: Vec<WeightTensor>, kind: Kind, device: Device) -> Linear {

@@ -92,6 +92,33 @@ impl Llama {
         })
     }
 
+    /// Another handle on the same weights: the tensors share storage, so workers in one process
+    /// hold one copy of the model. Each handle is owned by one engine thread; the weights are
+    /// only read after loading, which libtorch allows from several threads at once.
+    pub fn share(&self) -> Llama {
+        Llama {
+            config: self.config.clone(),
+            kind: self.kind,
+            device: self.device,
+            embed: self.embed.shallow_clone(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Layer {
+                    input_norm: l.input_norm.shallow_clone(),
+                    qkv: l.qkv.share(),
+                    o_proj: l.o_proj.share(),
+                    post_norm: l.post_norm.shallow_clone(),
+                    gate_up: l.gate_up.share(),
+                    down: l.down.share(),
+                })
+                .collect(),
+            norm: self.norm.shallow_clone(),
+            lm_head: self.lm_head.share(),
+            rope: self.rope.share(),
+        }
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }

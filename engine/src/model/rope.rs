@@ -56,6 +56,14 @@ pub fn inv_freq(config: &LlamaConfig) -> Vec<f32> {
 }
 
 impl Rope {
+    /// The same tables over the same storage.
+    pub fn share(&self) -> Rope {
+        Rope {
+            cos: self.cos.shallow_clone(),
+            sin: self.sin.shallow_clone(),
+        }
+    }
+
     pub fn new(config: &LlamaConfig, max_positions: usize, device: Device) -> Self {
         let inv = Tensor::from_slice(&inv_freq(config));
         let pos = Tensor::arange(max_positions as i64, (Kind::Float, Device::Cpu));

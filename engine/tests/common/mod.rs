@@ -1,6 +1,7 @@
 //! Helpers shared by the engine's integration tests (each test crate uses a part of them).
 #![allow(dead_code)]
 
+pub mod engine_fixture;
 pub mod tiny_llama;
 
 use std::path::{Path, PathBuf};
