@@ -6,8 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use engine::{
     build_engine, loader, parse_device, parse_kind, EngineOptions, FinishReason, Request,
-    RequestOutput,
-    SamplingParams,
+    RequestOutput, SamplingParams,
 };
 use processor::{ChatMessage, ChatTemplate};
 

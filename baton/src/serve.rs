@@ -4,23 +4,19 @@
 //! `NATS_SERVER` + `ETCD_ENDPOINTS`) names NATS and etcd, each component runs as its own
 //! process instead (`graph`).
 
-use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
-use decode_worker::{worker_endpoint, DecodeWorker, EngineHost};
-use engine::{build_engine, loader, parse_device, parse_kind, EngineOptions, ModelCard};
-use frontend::{AppState, FrontendConfig, LoadSource};
+use engine::{parse_device, parse_kind, EngineOptions, ModelCard};
 use processor::{ChatTemplate, ServedModel};
-use router::{policy_from_name, Router};
-use runtime::config::GraphConfig;
-use runtime::discovery::MemoryDiscovery;
-use runtime::protocol::WorkerLoad;
-use runtime::request_plane::MemoryRequestPlane;
+use runtime::{PlaneSettings, Planes};
+
+use crate::components;
+use crate::config::GraphConfig;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -28,7 +24,7 @@ pub struct ServeArgs {
     #[arg(short = 'f', long = "config", env = "BATON_CONFIG")]
     config: Option<PathBuf>,
     #[arg(long, env = "BATON_HOST", default_value = "127.0.0.1")]
-    host: IpAddr,
+    pub host: IpAddr,
     /// HTTP port [default: `Frontend.port`, else 8000]; 0 picks a free one.
     #[arg(long, env = "BATON_PORT")]
     port: Option<u16>,
@@ -41,12 +37,12 @@ pub struct ServeArgs {
     served_model_name: Option<String>,
     /// Require `Authorization: Bearer <key>` on /v1 routes.
     #[arg(long, env = "BATON_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    pub api_key: Option<String>,
     #[arg(long, env = "BATON_MAX_BODY_BYTES", default_value_t = 8 << 20)]
-    max_body_bytes: usize,
+    pub max_body_bytes: usize,
     /// Requests in flight at once; more get 503 at once.
     #[arg(long, env = "BATON_MAX_INFLIGHT", default_value_t = 1024)]
-    max_inflight: usize,
+    pub max_inflight: usize,
     /// Engine workers in this process [default: `VllmWorker.ServiceArgs.workers`, else 1]; 0
     /// serves the frontend alone (it answers 503 until a worker registers).
     #[arg(long, env = "BATON_WORKERS")]
@@ -79,7 +75,7 @@ pub struct ServeArgs {
     no_prefix_caching: bool,
     /// Seconds Ctrl-C waits for in-flight requests before ending them with an error.
     #[arg(long, env = "BATON_DRAIN_TIMEOUT", default_value_t = 30)]
-    drain_timeout: u64,
+    pub drain_timeout: u64,
     /// Seconds a response may stay silent before the frontend gives up on its worker (a dead
     /// worker is noticed sooner, when its discovery lease ends) [default: `Baton.stream-timeout`,
     /// else 600].
@@ -98,6 +94,16 @@ pub struct ServeArgs {
     /// Discovery lease TTL in seconds [default: `Baton.lease-ttl`, else 10].
     #[arg(long, env = "BATON_LEASE_TTL")]
     lease_ttl: Option<u64>,
+}
+
+impl Resolved {
+    pub fn plane_settings(&self) -> PlaneSettings {
+        PlaneSettings {
+            stream_timeout: self.stream_timeout,
+            lease_ttl: self.lease_ttl,
+            ..PlaneSettings::new(&self.namespace, &self.served_model_name)
+        }
+    }
 }
 
 /// Settings after flags, config and defaults are merged (flags win).
@@ -185,6 +191,7 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             .max_model_len
             .or(worker.max_model_len)
             .or(processor.max_model_len),
+        kv_events: None,
     };
     Ok(Resolved {
         model,
@@ -240,120 +247,37 @@ pub(crate) fn settings(args: &ServeArgs) -> Result<Resolved> {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let settings = settings(&args)?;
     if settings.nats.is_some() && settings.etcd.is_some() {
-        return runtime.block_on(crate::graph::run(&settings));
+        return tokio_rt.block_on(crate::graph::run(&settings));
     }
-    runtime.block_on(serve(args, settings))
+    tokio_rt.block_on(serve(args, settings))
 }
 
+/// The whole graph in this process: in-process planes, `--workers` decode workers over one
+/// copy of the weights, and the frontend.
 async fn serve(args: ServeArgs, settings: Resolved) -> Result<()> {
-    let policy = policy_from_name(&settings.policy)?;
-    let discovery = MemoryDiscovery::new();
-    let plane = Arc::new(MemoryRequestPlane::new(settings.stream_timeout));
-    let endpoint = worker_endpoint(&settings.namespace);
-    let router = Router::new(&discovery, plane.clone(), endpoint.clone(), policy).await?;
-
-    let mut card = None;
+    let planes = Planes::in_process(settings.plane_settings());
     let mut workers = Vec::new();
-    // The frontend needs the tokenizer even with no worker here, so the model loads once anyway.
-    for i in 0..settings.workers.max(1) {
-        let (engine, c) = load_engine(&settings, i).await?;
-        card.get_or_insert(c);
-        if i < settings.workers {
-            let host = EngineHost::start(engine, &format!("engine-{i}"))?;
-            let worker = DecodeWorker::start(
-                host,
-                &discovery,
-                plane.clone(),
-                endpoint.clone(),
-                &settings.served_model_name,
-            )
-            .await?;
-            workers.push(worker);
+    let card = if settings.workers == 0 {
+        components::load_card(&settings).await?
+    } else {
+        let model = components::load_model(&settings).await?;
+        for i in 0..settings.workers {
+            workers.push(components::decode_worker(&planes, &settings, &model, i).await?);
         }
-    }
-    let card = card.expect("at least one model was loaded");
-    let model = Arc::new(served_model(&card, &settings.served_model_name)?);
-
-    let hosts: Vec<(u64, Arc<EngineHost>)> = workers
-        .iter()
-        .map(|w| (w.instance_id(), w.host().clone()))
-        .collect();
-    let loads: LoadSource = Arc::new(move || {
-        hosts
-            .iter()
-            .map(|(id, host)| WorkerLoad {
-                instance_id: *id,
-                ..host.load()
-            })
-            .collect()
-    });
-    serve_http(&args, &settings, Arc::new(router), model, loads).await?;
+        model.card(&settings.engine)
+    };
+    components::frontend(&planes, &args, &settings, &card).await?;
     for worker in workers {
         worker.stop();
     }
     eprintln!("baton: stopped");
     Ok(())
-}
-
-/// Binds the frontend, prints the line scripts wait for, serves until Ctrl-C / SIGTERM drains.
-pub(crate) async fn serve_http(
-    args: &ServeArgs,
-    settings: &Resolved,
-    router: Arc<Router>,
-    model: Arc<ServedModel>,
-    loads: LoadSource,
-) -> Result<()> {
-    let frontend_config = FrontendConfig {
-        addr: SocketAddr::new(args.host, settings.port),
-        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
-        max_body_bytes: args.max_body_bytes,
-        max_inflight: args.max_inflight,
-        drain_timeout: Duration::from_secs(args.drain_timeout),
-    };
-    if frontend_config.max_inflight == 0 {
-        bail!("`--max-inflight` must be at least 1");
-    }
-    let state = Arc::new(AppState::new(model, router, frontend_config, loads));
-    let listener = frontend::bind(&state).await?;
-    let addr = listener.local_addr().context("reading the bound address")?;
-    tracing::info!(
-        model = %settings.model,
-        served_model_name = %settings.served_model_name,
-        workers = settings.workers,
-        router = %settings.policy,
-        "ready"
-    );
-    // Scripts and tests wait for this line.
-    println!("baton: listening on http://{addr}");
-    let _ = std::io::stdout().flush();
-
-    frontend::serve(state, listener, shutdown_signal()).await?;
-    Ok(())
-}
-
-pub(crate) async fn load_engine(
-    settings: &Resolved,
-    index: usize,
-) -> Result<(engine::Engine, ModelCard)> {
-    let model = settings.model.clone();
-    let opts = settings.engine.clone();
-    let spinner = indicatif::ProgressBar::new_spinner();
-    spinner.set_message(format!("loading {model} (worker {index})"));
-    spinner.enable_steady_tick(Duration::from_millis(100));
-    let built = tokio::task::spawn_blocking(move || {
-        let loaded = loader::load(&model).with_context(|| format!("loading `{model}`"))?;
-        build_engine(loaded, &opts).map_err(anyhow::Error::from)
-    })
-    .await
-    .context("the model loading task failed")?;
-    spinner.finish_and_clear();
-    built
 }
 
 pub(crate) fn served_model(card: &ModelCard, name: &str) -> Result<ServedModel> {

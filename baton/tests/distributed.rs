@@ -12,9 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{client, collect_stream, get_text, metric, post_json, wait_for, Sse};
-use runtime::infra::etcd::EtcdServer;
-use runtime::infra::nats::NatsServer;
 use serde_json::{json, Value};
+use test_support::EtcdServer;
+use test_support::NatsServer;
 
 /// Short leases so a dead worker leaves routing quickly.
 const LEASE_TTL: &str = "2";
@@ -61,12 +61,10 @@ impl Proc {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
         format!(
             "log {}:\n{}",
             self.log.display(),
-            lines[lines.len().saturating_sub(30)..].join("\n")
+            test_support::log_tail(&self.log, 30)
         )
     }
 

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use engine::{Engine, Request, RequestOutput};
+use runtime::kv_event::KvEvent;
 use runtime::protocol::{GenerateRequest, TokenDelta, TokenLogprob, WorkerLoad};
 use tokio::sync::{mpsc, watch};
 
@@ -44,23 +45,74 @@ struct Stream {
 pub struct EngineHost {
     commands: std_mpsc::Sender<Command>,
     load: watch::Receiver<WorkerLoad>,
+    kv_events: Mutex<Option<mpsc::UnboundedReceiver<KvEvent>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// The engine thread's outlets besides each request's own channel.
+struct Outlets {
+    load: watch::Sender<WorkerLoad>,
+    /// The block manager's events (`EngineOptions::kv_events`), and where they go on.
+    kv_in: Option<std_mpsc::Receiver<KvEvent>>,
+    kv_out: mpsc::UnboundedSender<KvEvent>,
+}
+
+impl Outlets {
+    /// Passes on what the last step did: its KV events, in order, then the load after it.
+    fn publish(&self, engine: &Engine) {
+        if let Some(kv_in) = &self.kv_in {
+            for event in kv_in.try_iter() {
+                let _ = self.kv_out.send(event);
+            }
+        }
+        let now = load_of(engine);
+        self.load.send_if_modified(|last| {
+            let changed = *last != now;
+            *last = now;
+            changed
+        });
+    }
+}
+
 impl EngineHost {
-    /// Moves `engine` onto a new thread named `name`.
-    pub fn start(engine: Engine, name: &str) -> Result<Self, WorkerError> {
+    /// Moves `engine` onto a new thread named `name`. `kv_events` is the receiving end of the
+    /// sender the engine was built with (`EngineOptions::kv_events`), if any.
+    pub fn start(
+        engine: Engine,
+        kv_events: Option<std_mpsc::Receiver<KvEvent>>,
+        name: &str,
+    ) -> Result<Self, WorkerError> {
         let (commands, rx) = std_mpsc::channel();
         let (load_tx, load) = watch::channel(load_of(&engine));
+        let (kv_out, kv_rx) = mpsc::unbounded_channel();
+        let outlets = Outlets {
+            load: load_tx,
+            kv_in: kv_events,
+            kv_out,
+        };
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(engine, rx, load_tx))
+            .spawn(move || run(engine, rx, outlets))
             .map_err(WorkerError::Spawn)?;
         Ok(Self {
             commands,
             load,
+            kv_events: Mutex::new(Some(kv_rx)),
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// The engine's KV events, in order (once: the worker publishes them).
+    pub fn take_kv_events(&self) -> Option<mpsc::UnboundedReceiver<KvEvent>> {
+        self.kv_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// The load after each step, for a publisher that waits for changes.
+    pub fn load_watch(&self) -> watch::Receiver<WorkerLoad> {
+        self.load.clone()
     }
 
     /// Queues `request`; its events arrive on `events` until a finish, rejection or failure.
@@ -99,7 +151,7 @@ impl Drop for EngineHost {
     }
 }
 
-fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, load: watch::Sender<WorkerLoad>) {
+fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets) {
     let mut streams: HashMap<String, Stream> = HashMap::new();
     loop {
         // Block only when there is nothing to step.
@@ -157,10 +209,10 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, load: watch::Sender<
                 }
             }
         }
-        load.send_replace(load_of(&engine));
+        outlets.publish(&engine);
     }
     fail_all(&mut engine, &mut streams, "the worker is shutting down");
-    load.send_replace(load_of(&engine));
+    outlets.publish(&engine);
 }
 
 fn add(

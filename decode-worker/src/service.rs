@@ -1,13 +1,19 @@
-//! Serves an [`EngineHost`] on the request plane and registers it in discovery. Each request
-//! gets its own task that forwards engine events as frames; a cancelled stream aborts the
-//! request in the engine.
+//! Serves an [`EngineHost`] on the request plane, registers it in discovery, and publishes on
+//! the event plane what the router needs: its load (on every change, at most every
+//! [`LOAD_MIN_GAP`], and at least every [`LOAD_HEARTBEAT`]) and its block manager's KV events,
+//! tagged with its instance id. Each request gets its own task that forwards engine events as
+//! frames; a cancelled stream aborts the request in the engine.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use runtime::discovery::{Discovery, EndpointId, InstanceSpec, Registration};
-use runtime::protocol::{GenerateRequest, GenerateResponse};
-use runtime::request_plane::{IncomingRequest, RequestPlane};
-use tokio::sync::mpsc;
+use runtime::discovery::{EndpointId, InstanceSpec, Registration};
+use runtime::event_plane::EventPlane;
+use runtime::kv_event::{KvEvent, WorkerKvEvent};
+use runtime::protocol::{GenerateRequest, GenerateResponse, WorkerLoad};
+use runtime::request_plane::IncomingRequest;
+use runtime::Planes;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::engine_host::{EngineEvent, EngineHost};
@@ -18,21 +24,27 @@ pub fn worker_endpoint(namespace: &str) -> EndpointId {
     EndpointId::new(namespace, "decode-worker", "generate")
 }
 
-/// A running decode worker: registered, serving, and withdrawn when dropped.
+/// A load report goes out at least this often, so a frontend that starts late learns it.
+pub const LOAD_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Reports of a busy engine (its load changes every step) are coalesced to this rate.
+pub const LOAD_MIN_GAP: Duration = Duration::from_millis(50);
+
+/// A running decode worker: registered, serving, publishing, and withdrawn when stopped.
 pub struct DecodeWorker {
     host: Arc<EngineHost>,
     registration: Registration,
-    server: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl DecodeWorker {
+    /// Serves `host` at a fresh address of `planes`' decode endpoint for `model`.
     pub async fn start(
         host: EngineHost,
-        discovery: &dyn Discovery,
-        plane: Arc<dyn RequestPlane>,
-        endpoint: EndpointId,
+        planes: &Planes,
         model: &str,
     ) -> Result<Self, WorkerError> {
+        let endpoint = worker_endpoint(&planes.settings.namespace);
+        let plane = planes.requests.clone();
         // The address must exist before the instance is visible, so it cannot be the lease
         // id that registration hands out; a random suffix keeps it unique.
         let address = format!(
@@ -45,7 +57,8 @@ impl DecodeWorker {
         let incoming = plane.serve(&address).await?;
         let host = Arc::new(host);
         let server = tokio::spawn(serve(host.clone(), incoming));
-        let registration = discovery
+        let registration = planes
+            .discovery
             .register(InstanceSpec {
                 endpoint,
                 address,
@@ -53,10 +66,28 @@ impl DecodeWorker {
                 metadata: serde_json::Value::Null,
             })
             .await?;
+        let id = registration.instance.instance_id;
+        let mut tasks = vec![
+            server,
+            tokio::spawn(publish_load(
+                host.load_watch(),
+                planes.events.clone(),
+                planes.load_subject(),
+                id,
+            )),
+        ];
+        if let Some(events) = host.take_kv_events() {
+            tasks.push(tokio::spawn(publish_kv_events(
+                events,
+                planes.events.clone(),
+                planes.kv_events_subject(),
+                id,
+            )));
+        }
         Ok(Self {
             host,
             registration,
-            server,
+            tasks,
         })
     }
 
@@ -71,8 +102,49 @@ impl DecodeWorker {
     /// Withdraws the instance (no new requests are routed here), then fails what still runs.
     pub fn stop(self) {
         drop(self.registration);
-        self.server.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
         self.host.shutdown();
+    }
+}
+
+async fn publish_load(
+    mut load: watch::Receiver<WorkerLoad>,
+    events: Arc<dyn EventPlane>,
+    subject: String,
+    instance_id: u64,
+) {
+    loop {
+        let report = WorkerLoad {
+            instance_id,
+            ..load.borrow_and_update().clone()
+        };
+        let bytes = serde_json::to_vec(&report).expect("protocol types serialize");
+        if let Err(e) = events.publish(&subject, bytes).await {
+            tracing::warn!("cannot publish load: {e}");
+        }
+        tokio::time::sleep(LOAD_MIN_GAP).await;
+        tokio::select! {
+            changed = load.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(LOAD_HEARTBEAT) => {}
+        }
+    }
+}
+
+async fn publish_kv_events(
+    mut kv: mpsc::UnboundedReceiver<KvEvent>,
+    events: Arc<dyn EventPlane>,
+    subject: String,
+    worker_id: u64,
+) {
+    while let Some(event) = kv.recv().await {
+        let bytes = serde_json::to_vec(&WorkerKvEvent { worker_id, event })
+            .expect("protocol types serialize");
+        if let Err(e) = events.publish(&subject, bytes).await {
+            // Best effort by design: the KV router resyncs from event-id gaps.
+            tracing::warn!("cannot publish a KV event: {e}");
+        }
     }
 }
 

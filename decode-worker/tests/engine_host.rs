@@ -2,16 +2,17 @@
 //! is always the chunk's last token + 1, so outputs are known exactly, and each step sleeps a
 //! little so a cancellation lands mid-generation.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use decode_worker::{worker_endpoint, DecodeWorker, EngineEvent, EngineHost};
 use engine::model::ForwardBatch;
 use engine::{Engine, EngineConfig, Executor};
-use router::{RoundRobin, Router};
-use runtime::discovery::MemoryDiscovery;
-use runtime::protocol::{FinishReason, GenerateRequest, GenerateResponse, SamplingParams};
-use runtime::request_plane::MemoryRequestPlane;
+use router::{RoundRobin, Router, RouterOptions};
+use runtime::kv_event::{KvEventData, WorkerKvEvent};
+use runtime::protocol::{
+    FinishReason, GenerateRequest, GenerateResponse, SamplingParams, WorkerLoad,
+};
+use runtime::{PlaneSettings, Planes};
 use tch::Tensor;
 use tokio::sync::mpsc;
 
@@ -51,6 +52,12 @@ impl Executor for NextToken {
 }
 
 fn host() -> EngineHost {
+    host_with_events(false)
+}
+
+/// With `kv_events`, the block manager's events go to the host (as `baton serve` wires it).
+fn host_with_events(kv_events: bool) -> EngineHost {
+    let (tx, rx) = std::sync::mpsc::channel();
     let engine = Engine::new(
         Box::new(NextToken),
         EngineConfig {
@@ -60,9 +67,9 @@ fn host() -> EngineHost {
             eos_token_ids: vec![0],
             max_context: 48,
         },
-        None,
+        kv_events.then_some(tx),
     );
-    EngineHost::start(engine, "engine-test").unwrap()
+    EngineHost::start(engine, kv_events.then_some(rx), "engine-test").unwrap()
 }
 
 fn request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
@@ -145,48 +152,136 @@ async fn requests_the_engine_refuses_are_rejected_naming_the_field() {
     ));
 }
 
-#[tokio::test]
-async fn through_router_and_request_plane_and_cancelled_by_dropping_the_stream() {
-    let discovery = MemoryDiscovery::new();
-    let plane = Arc::new(MemoryRequestPlane::new(Duration::from_secs(5)));
-    let endpoint = worker_endpoint("test");
-    let router = Router::new(
-        &discovery,
-        plane.clone(),
-        endpoint.clone(),
+fn planes() -> Planes {
+    Planes::in_process(PlaneSettings {
+        stream_timeout: Duration::from_secs(5),
+        ..PlaneSettings::new("test", "m")
+    })
+}
+
+async fn router(planes: &Planes) -> Router {
+    Router::new(
+        planes,
+        worker_endpoint("test"),
         Box::new(RoundRobin::default()),
+        RouterOptions {
+            block_size: BLOCK_SIZE,
+            ..RouterOptions::default()
+        },
     )
     .await
-    .unwrap();
-    let worker = DecodeWorker::start(host(), &discovery, plane, endpoint, "m")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    .unwrap()
+}
 
-    let dispatch = router.generate(&request("r1", vec![3], 4)).await.unwrap();
-    assert_eq!(dispatch.instance_id, worker.instance_id());
-    let mut stream = dispatch.stream;
+/// Every token of a routed request, which must finish.
+async fn tokens_of(stream: &mut router::RoutedStream) -> Vec<u32> {
     let mut tokens = Vec::new();
-    while let Some(frame) = stream.next().await {
-        match serde_json::from_slice(&frame.unwrap()).unwrap() {
+    while let Some(item) = stream.next().await {
+        match item.unwrap() {
             GenerateResponse::Tokens(d) => tokens.extend(d.token_ids),
             other => panic!("unexpected {other:?}"),
         }
     }
+    tokens
+}
+
+#[tokio::test]
+async fn through_router_and_request_plane_and_cancelled_by_dropping_the_stream() {
+    let planes = planes();
+    let router = router(&planes).await;
+    let worker = DecodeWorker::start(host(), &planes, "m").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let mut stream = router.generate(request("r1", vec![3], 4)).await.unwrap();
+    assert_eq!(stream.instance_id(), Some(worker.instance_id()));
     assert_eq!(
-        tokens,
+        tokens_of(&mut stream).await,
         vec![4, 5, 6, 7],
         "stream ends with End after the finish"
     );
 
     let mut stream = router
-        .generate(&request("r2", vec![3; 6], 40))
+        .generate(request("r2", vec![3; 6], 40))
         .await
-        .unwrap()
-        .stream;
+        .unwrap();
     assert!(stream.next().await.unwrap().is_ok());
     assert!(worker.host().load().kv_blocks_used > 0);
     drop(stream);
     wait_for_free_blocks(worker.host()).await;
+    worker.stop();
+}
+
+/// In-process planes (as `baton serve` wires them): the worker itself publishes its load and
+/// its block manager's KV events on the event plane, and the router's load view follows.
+#[tokio::test]
+async fn load_reports_and_kv_events_cross_the_event_plane() {
+    let planes = planes();
+    let mut loads = planes
+        .events
+        .subscribe(&planes.load_subject())
+        .await
+        .unwrap();
+    let mut kv = planes
+        .events
+        .subscribe(&planes.kv_events_subject())
+        .await
+        .unwrap();
+    let router = router(&planes).await;
+    let worker = DecodeWorker::start(host_with_events(true), &planes, "m")
+        .await
+        .unwrap();
+    let id = worker.instance_id();
+
+    let first: WorkerLoad = serde_json::from_slice(&loads.recv().await.unwrap()).unwrap();
+    assert_eq!(first.instance_id, id);
+    assert_eq!(first.kv_blocks_total, BLOCKS);
+    assert_eq!(first.kv_blocks_used, 0);
+
+    // Nine prompt tokens fill two 4-token blocks: one Stored event for them, from this worker.
+    let prompt: Vec<u32> = (1..=9).collect();
+    // 30 steps of 3 ms: long enough for a load report to catch the request running.
+    let mut stream = router
+        .generate(request("r", prompt.clone(), 30))
+        .await
+        .unwrap();
+    assert_eq!(tokens_of(&mut stream).await, (10..40).collect::<Vec<u32>>());
+    let event: WorkerKvEvent = tokio::time::timeout(Duration::from_secs(5), kv.recv())
+        .await
+        .expect("a KV event within 5 s")
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap();
+    assert_eq!(event.worker_id, id);
+    assert_eq!(event.event.event_id, 0, "the worker's first event");
+    let hashes = runtime::block_hash::block_hashes(&prompt, BLOCK_SIZE);
+    match &event.event.data {
+        KvEventData::Stored {
+            parent_hash: None,
+            blocks,
+        } => assert_eq!(
+            blocks[..],
+            hashes[..blocks.len()],
+            "chained prompt block hashes"
+        ),
+        other => panic!("expected the prompt's blocks stored, got {other:?}"),
+    }
+
+    // A report with the request in it went out, and the router saw the worker's load.
+    let (mut saw_busy, mut saw_idle_after) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(bytes)) = tokio::time::timeout_at(deadline, loads.recv()).await {
+        let load: WorkerLoad = serde_json::from_slice(&bytes).unwrap();
+        if load.running > 0 && load.kv_blocks_used > 0 {
+            saw_busy = true;
+        } else if saw_busy && load.running == 0 && load.kv_blocks_used == 0 {
+            saw_idle_after = true;
+            break;
+        }
+    }
+    assert!(saw_busy, "a load report showed the request running");
+    assert!(saw_idle_after, "a later report showed its blocks freed");
+    let seen = router.loads();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].instance_id, id);
+    assert_eq!(seen[0].kv_blocks_total, BLOCKS);
     worker.stop();
 }

@@ -106,8 +106,9 @@ impl KvCache {
         for layer in &mut self.layers {
             let mut dst = layer.get(b);
             let len = dst.numel() * dst.kind().elt_size_in_bytes();
-            let src = Tensor::f_from_data_size(&data[offset..offset + len], &dst.size(), dst.kind())?
-                .to_device(dst.device());
+            let src =
+                Tensor::f_from_data_size(&data[offset..offset + len], &dst.size(), dst.kind())?
+                    .to_device(dst.device());
             dst.f_copy_(&src)?;
             offset += len;
         }

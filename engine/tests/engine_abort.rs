@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::HashSet;
 
+use common::engine_fixture::*;
 use engine::{EngineOptions, FinishReason, SamplingParams};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use common::engine_fixture::*;
 
 // ---------------------------------------------------------------------------------------------
 // Abort
@@ -197,4 +197,3 @@ fn random_aborts(prefix_caching: bool, seed: u64) {
         engine.stats().preemptions
     );
 }
-

@@ -3,8 +3,9 @@
 
 mod common;
 
+use common::engine_fixture::*;
+use common::tiny_llama::VOCAB_SIZE;
 use engine::{AdmissionError, EngineOptions, Request, SamplingParams};
-use common::tiny_llama::VOCAB_SIZE;use common::engine_fixture::*;
 
 // ---------------------------------------------------------------------------------------------
 // Bad input
@@ -142,4 +143,3 @@ fn bad_requests_are_refused_with_a_named_reason_and_leave_nothing_allocated() {
     engine.run_to_completion().expect("runs");
     assert_idle(&engine, "at the end");
 }
-

@@ -6,7 +6,8 @@ mod common;
 
 use std::collections::HashSet;
 
-use engine::{AdmissionError, Engine, EngineError, EngineOptions, FinishReason, RequestOutput};use common::engine_fixture::*;
+use common::engine_fixture::*;
+use engine::{AdmissionError, Engine, EngineError, EngineOptions, FinishReason, RequestOutput};
 
 // ---------------------------------------------------------------------------------------------
 // Remote prefill (disaggregation seam)
@@ -67,7 +68,6 @@ fn remote_prefill_reserves_blocks_and_abort_frees_them() {
     assert!(engine.abort("remote"));
     assert_idle(&engine, "after the second abort");
 }
-
 
 #[test]
 fn completed_remote_prefill_decodes_from_the_given_first_token() {
@@ -142,7 +142,6 @@ fn completed_remote_prefill_decodes_from_the_given_first_token() {
     assert_idle(&engine, "after the remote requests finished");
 }
 
-
 /// Greedy tokens of `id` from `first` on: `first`'s own token, then what the engine runs.
 fn tokens_after(engine: &mut Engine, id: &str, first: &RequestOutput) -> Vec<u32> {
     let mut tokens: Vec<u32> = first.tokens().iter().map(|t| t.token).collect();
@@ -177,7 +176,8 @@ fn a_second_engine_filled_with_the_first_engines_kv_decodes_the_same_tokens() {
         .expect("accepted");
     assert_eq!(slot.cached_tokens, 0);
     assert_eq!(slot.block_ids.len(), kv.len());
-    b.write_kv_blocks(&slot.block_ids, &kv).expect("blocks written");
+    b.write_kv_blocks(&slot.block_ids, &kv)
+        .expect("blocks written");
     assert_eq!(
         b.read_kv_blocks(&slot.block_ids).expect("read back"),
         kv,
@@ -202,7 +202,13 @@ fn a_second_engine_filled_with_the_first_engines_kv_decodes_the_same_tokens() {
         .write_kv_blocks(&[9999], &kv[..1])
         .expect_err("no such block");
     assert!(
-        matches!(err, EngineError::NoSuchBlock { block: 9999, num_blocks: 256 }),
+        matches!(
+            err,
+            EngineError::NoSuchBlock {
+                block: 9999,
+                num_blocks: 256
+            }
+        ),
         "{err:?}"
     );
     let err = b

@@ -4,9 +4,9 @@
 
 mod common;
 
+use common::engine_fixture::*;
 use common::tiny_llama::{EOS_ID, EOT_ID};
 use engine::{Engine, EngineOptions, FinishReason, SamplingParams};
-use common::engine_fixture::*;
 
 // ---------------------------------------------------------------------------------------------
 // Scheduling
@@ -267,4 +267,3 @@ fn repeated_prompt_reports_cached_tokens() {
         assert_idle(&engine, "after the repeat");
     }
 }
-

@@ -8,11 +8,11 @@ mod common;
 
 use std::path::Path;
 
-use engine::{build_engine, loader, Engine, EngineOptions, Request, SamplingParams};
 use common::tiny_llama::{
     write_tiny_llama, StoredTensor, TinyLlama, TinyLlamaOptions, LINEAR_LAYERS,
 };
 use common::ScratchDir;
+use engine::{build_engine, loader, Engine, EngineOptions, Request, SamplingParams};
 use tch::Kind;
 
 /// Largest allowed difference between two first-step logprobs. The twin holds the FP8 weights'

@@ -2,9 +2,7 @@
 //! (`../shared/golden/`, computed with transformers in float32), and invariance of greedy
 //! output under batching, chunked prefill and prefix-cache hits.
 
-use engine::{
-    build_engine, loader, Engine, EngineOptions, FinishReason, Request, SamplingParams,
-};
+use engine::{build_engine, loader, Engine, EngineOptions, FinishReason, Request, SamplingParams};
 use serde_json::Value;
 use tch::Kind;
 

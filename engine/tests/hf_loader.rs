@@ -7,13 +7,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use engine::loader::{self, hf, LoadedModel};
-use engine::weights::{WeightTensor, Weights};
-use engine::{EngineError, RopeScaling};
 use common::tiny_llama::{
     self, write_json, write_tiny_llama, StoredTensor, TinyLlama, TinyLlamaOptions,
 };
 use common::ScratchDir;
+use engine::loader::{self, hf, LoadedModel};
+use engine::weights::{WeightTensor, Weights};
+use engine::{EngineError, RopeScaling};
 use safetensors::Dtype;
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};

@@ -13,7 +13,7 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use futures::stream::{self, BoxStream, StreamExt};
 use processor::{ChoiceOutput, OutputStep};
-use router::{Dispatch, Router, RouterError};
+use router::{RoutedStream, Router, RouterError};
 use runtime::protocol::{GenerateRequest, GenerateResponse, SamplingParams};
 use runtime::request_plane::RequestPlaneError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -23,7 +23,7 @@ use crate::metrics::InflightGuard;
 use crate::protocol::Usage;
 use crate::state::AppState;
 
-/// One choice to generate: prompt `prompt_index`'s `index`-th sample.
+/// One choice to generate: the `index`-th choice of the response, a sample of `prompt`.
 pub struct ChoicePlan {
     pub index: u32,
     pub prompt: Arc<Vec<u32>>,
@@ -63,15 +63,13 @@ pub fn start(
                 stop.to_vec(),
                 plan.sampling.min_tokens,
             ),
-            request: GenerateRequest {
+            request: Some(GenerateRequest {
                 request_id: format!("{request_id}-{}", plan.index),
                 token_ids: plan.prompt.to_vec(),
                 sampling: plan.sampling,
-            },
+            }),
             router: state.router.clone(),
-            dispatch: None,
-            started: false,
-            retries_left: RETRIES,
+            stream: None,
             done: false,
         };
         stream::unfold(run, |mut run| async move {
@@ -83,27 +81,16 @@ pub fn start(
     stream::select_all(runs).boxed()
 }
 
-/// Times a choice is sent to another worker when its worker failed before sending a token
-/// (it died, or left discovery): the client has seen nothing, so nothing is lost.
-const RETRIES: u32 = 1;
-
+/// One choice on its way through the router (which moves it to another worker if its worker
+/// fails before the first token) and the processor.
 struct ChoiceRun {
     index: u32,
     output: ChoiceOutput,
-    request: GenerateRequest,
+    /// Until it is routed.
+    request: Option<GenerateRequest>,
     router: Arc<Router>,
-    dispatch: Option<Dispatch>,
-    /// Whether any token of this choice came back (then a failure cannot be retried).
-    started: bool,
-    retries_left: u32,
+    stream: Option<RoutedStream>,
     done: bool,
-}
-
-/// How a worker stream failed.
-enum Failure {
-    Plane(RequestPlaneError),
-    Ended,
-    Gone,
 }
 
 impl ChoiceRun {
@@ -113,75 +100,34 @@ impl ChoiceRun {
         }
         let item = self.advance().await;
         if !matches!(&item, Ok(step) if step.usage.is_none()) {
-            // Finished or failed: dropping the worker stream cancels what is left of it.
+            // Finished or failed: dropping the routed stream cancels what is left of it.
             self.done = true;
-            self.dispatch = None;
+            self.stream = None;
         }
         Some(item)
     }
 
     async fn advance(&mut self) -> Result<ChoiceStep, ApiError> {
         loop {
-            if self.dispatch.is_none() {
-                match self.router.generate(&self.request).await {
-                    Ok(d) => self.dispatch = Some(d),
-                    Err(RouterError::RequestPlane(RequestPlaneError::NoSuchAddress(_)))
-                        if self.retries_left > 0 =>
-                    {
-                        self.retry();
-                        continue;
-                    }
-                    Err(e) => return Err(routing_error(e)),
-                }
+            if let Some(request) = self.request.take() {
+                self.stream = Some(self.router.generate(request).await.map_err(routing_error)?);
             }
-            let d = self.dispatch.as_mut().expect("dispatched above");
-            let frame = tokio::select! {
-                biased;
-                frame = d.stream.next() => match frame {
-                    Some(Ok(bytes)) => Ok(bytes),
-                    Some(Err(e)) => Err(Failure::Plane(e)),
-                    None => Err(Failure::Ended),
-                },
-                _ = d.gone.cancelled() => Err(Failure::Gone),
-            };
-            let bytes = match frame {
-                Ok(bytes) => bytes,
-                Err(failure) => {
-                    self.dispatch = None;
-                    // An engine error (`Remote`) would fail again elsewhere; a lost worker not.
-                    let engine_error =
-                        matches!(failure, Failure::Plane(RequestPlaneError::Remote(_)));
-                    if !self.started && !engine_error && self.retries_left > 0 {
-                        tracing::warn!(request = %self.request.request_id, "worker failed before the first token; retrying on another");
-                        self.retry();
-                        continue;
-                    }
-                    return Err(match failure {
-                        Failure::Plane(e) => worker_error(e),
-                        Failure::Ended => ApiError::internal(
-                            "the worker ended the stream before the request finished",
-                        ),
-                        Failure::Gone => ApiError::internal(
-                            "the worker serving this request went away (its discovery lease ended)",
-                        ),
-                    });
+            let stream = self.stream.as_mut().expect("routed above");
+            let delta = match stream.next().await {
+                None => {
+                    return Err(ApiError::internal(
+                        "the worker ended the stream before the request finished",
+                    ))
                 }
-            };
-            let delta = match serde_json::from_slice(&bytes) {
-                Err(e) => {
-                    return Err(ApiError::internal(format!(
-                        "malformed worker response: {e}"
-                    )))
-                }
-                Ok(GenerateResponse::Rejected { message, param }) => {
+                Some(Err(e)) => return Err(routing_error(e)),
+                Some(Ok(GenerateResponse::Rejected { message, param })) => {
                     return Err(match param {
                         Some(p) => ApiError::bad_param(&p, message),
                         None => ApiError::bad_request(message),
                     })
                 }
-                Ok(GenerateResponse::Tokens(delta)) => delta,
+                Some(Ok(GenerateResponse::Tokens(delta))) => delta,
             };
-            self.started = true;
             let step = self
                 .output
                 .push(&delta)
@@ -201,16 +147,6 @@ impl ChoiceRun {
             });
         }
     }
-
-    /// A fresh id, so a worker that still holds the first attempt cannot take it for a duplicate.
-    fn retry(&mut self) {
-        self.retries_left -= 1;
-        self.request.request_id = format!(
-            "{}-r{}",
-            self.request.request_id,
-            RETRIES - self.retries_left
-        );
-    }
 }
 
 fn routing_error(e: RouterError) -> ApiError {
@@ -218,15 +154,14 @@ fn routing_error(e: RouterError) -> ApiError {
         RouterError::NoInstances(_) => {
             ApiError::unavailable("no worker is available to serve the model")
         }
+        RouterError::NoCapacity(_) => {
+            ApiError::unavailable("every worker is at capacity; retry later")
+        }
         RouterError::RequestPlane(RequestPlaneError::NoSuchAddress(_)) => {
             ApiError::unavailable("the chosen worker went away; retry")
         }
         other => ApiError::internal(other.to_string()),
     }
-}
-
-fn worker_error(e: RequestPlaneError) -> ApiError {
-    ApiError::internal(format!("generation failed: {e}"))
 }
 
 /// Usage over all choices: each prompt counts once however many samples it has (OpenAI's rule).

@@ -16,4 +16,4 @@ pub use error::ApiError;
 pub use metrics::Metrics;
 pub use routes::app;
 pub use server::{bind, serve, ServeError};
-pub use state::{AppState, FrontendConfig, LoadSource};
+pub use state::{AppState, FrontendConfig};

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use processor::ServedModel;
 use router::Router;
-use runtime::protocol::WorkerLoad;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -39,34 +38,24 @@ impl Default for FrontendConfig {
     }
 }
 
-/// The current load of every worker, for `/metrics`.
-pub type LoadSource = Arc<dyn Fn() -> Vec<WorkerLoad> + Send + Sync>;
-
 pub struct AppState {
     pub model: Arc<ServedModel>,
     pub router: Arc<Router>,
     pub metrics: Metrics,
     pub config: FrontendConfig,
-    pub loads: LoadSource,
     admission: Arc<Semaphore>,
     /// Fires when the drain timeout has passed: open streams end with an error.
     pub abort_streams: CancellationToken,
 }
 
 impl AppState {
-    pub fn new(
-        model: Arc<ServedModel>,
-        router: Arc<Router>,
-        config: FrontendConfig,
-        loads: LoadSource,
-    ) -> Self {
+    pub fn new(model: Arc<ServedModel>, router: Arc<Router>, config: FrontendConfig) -> Self {
         Self {
             model,
             router,
             metrics: Metrics::new(),
             admission: Arc::new(Semaphore::new(config.max_inflight)),
             config,
-            loads,
             abort_streams: CancellationToken::new(),
         }
     }

@@ -1,13 +1,27 @@
-//! Router errors.
+//! Router errors: what failed on the way to a worker and back.
+
+use runtime::request_plane::RequestPlaneError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
     #[error("no worker instance is available for `{0}`")]
     NoInstances(String),
+    #[error(transparent)]
+    NoCapacity(#[from] crate::policy::NoCapacity),
     #[error("unknown routing policy `{0}` (use round-robin or random)")]
     UnknownPolicy(String),
+    /// The worker reported an error for this request (its engine failed it).
+    #[error("generation failed: the worker sent an error: {0}")]
+    Worker(String),
+    /// The worker went away before the request finished (and it could not be moved).
+    #[error("generation failed: {0}")]
+    Lost(String),
+    #[error("malformed worker response: {0}")]
+    Malformed(String),
     #[error(transparent)]
-    RequestPlane(#[from] runtime::request_plane::RequestPlaneError),
+    RequestPlane(RequestPlaneError),
     #[error(transparent)]
     Discovery(#[from] runtime::discovery::DiscoveryError),
+    #[error(transparent)]
+    EventPlane(#[from] runtime::event_plane::EventPlaneError),
 }

@@ -1,81 +1,182 @@
-//! The live instance list of one endpoint, and dispatch to the instance a policy picks.
+//! The live instance list of one endpoint, the workers' reported load, and dispatch to the
+//! instance a policy picks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use runtime::discovery::{Discovery, DiscoveryEvent, EndpointId, Instance};
-use runtime::protocol::GenerateRequest;
+use runtime::block_hash::block_hashes;
+use runtime::discovery::{DiscoveryEvent, EndpointId, Instance};
+use runtime::protocol::{GenerateRequest, WorkerLoad};
 use runtime::request_plane::{RequestPlane, ResponseStream};
+use runtime::Planes;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RouterError;
-use crate::policy::{RouteContext, RoutingPolicy};
+use crate::policy::{RouteContext, RoutingPolicy, Selection};
+use crate::stream::RoutedStream;
 
-/// A dispatched request: where it went, its response, and a token that fires when that
-/// instance leaves discovery (its lease expired: the worker died), so the caller need not wait
-/// for the silence timeout.
-pub struct Dispatch {
-    pub instance_id: u64,
+/// How the router hashes prompts and how often it moves a request that lost its worker.
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    /// Tokens per KV block, as the workers use (block hashes cover full blocks only).
+    pub block_size: usize,
+    /// Times a request is sent to another worker when its worker failed before sending a
+    /// token (it died, or left discovery): the client has seen nothing, so nothing is lost.
+    pub retries: u32,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self {
+            block_size: 128,
+            retries: 1,
+        }
+    }
+}
+
+/// One dispatch: where it went, its response, and a token that fires when that instance
+/// leaves discovery (its lease expired: the worker died), so the caller need not wait for the
+/// silence timeout.
+pub(crate) struct Dispatch {
+    pub selection: Selection,
     pub stream: ResponseStream,
     pub gone: CancellationToken,
 }
 
-pub struct Router {
-    endpoint: EndpointId,
-    instances: Arc<RwLock<Vec<Instance>>>,
-    alive: Arc<Mutex<HashMap<u64, CancellationToken>>>,
-    policy: Box<dyn RoutingPolicy>,
+pub(crate) struct Shared {
+    pub endpoint: EndpointId,
+    pub options: RouterOptions,
+    pub policy: Box<dyn RoutingPolicy>,
     plane: Arc<dyn RequestPlane>,
-    watcher: JoinHandle<()>,
+    instances: RwLock<Vec<Instance>>,
+    alive: Mutex<HashMap<u64, CancellationToken>>,
+    loads: Mutex<HashMap<u64, WorkerLoad>>,
+}
+
+pub struct Router {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Router {
-    /// Starts watching `endpoint`; instances join and leave routing as discovery reports them.
+    /// Starts watching `endpoint` in discovery (instances join and leave routing as it reports
+    /// them) and the workers' load reports on the event plane.
     pub async fn new(
-        discovery: &dyn Discovery,
-        plane: Arc<dyn RequestPlane>,
+        planes: &Planes,
         endpoint: EndpointId,
         policy: Box<dyn RoutingPolicy>,
+        options: RouterOptions,
     ) -> Result<Self, RouterError> {
-        let (current, mut events) = discovery.watch(&endpoint).await?;
-        let alive: Arc<Mutex<HashMap<u64, CancellationToken>>> = Arc::new(Mutex::new(
-            current
-                .iter()
-                .map(|i| (i.instance_id, CancellationToken::new()))
-                .collect(),
-        ));
-        let instances = Arc::new(RwLock::new(current));
-        let (list, tokens) = (instances.clone(), alive.clone());
-        let watcher = tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                let mut list = list.write().unwrap_or_else(|e| e.into_inner());
-                let mut tokens = tokens.lock().unwrap_or_else(|e| e.into_inner());
-                match event {
-                    DiscoveryEvent::Put(instance) => {
-                        list.retain(|i| i.instance_id != instance.instance_id);
-                        tracing::info!(instance = instance.instance_id, "worker joined");
-                        tokens.entry(instance.instance_id).or_default();
-                        list.push(instance);
-                    }
-                    DiscoveryEvent::Delete { instance_id } => {
-                        list.retain(|i| i.instance_id != instance_id);
-                        if let Some(token) = tokens.remove(&instance_id) {
-                            token.cancel();
-                        }
-                        tracing::info!(instance = instance_id, "worker left");
+        let mut load_reports = planes.events.subscribe(&planes.load_subject()).await?;
+        let (current, mut events) = planes.discovery.watch(&endpoint).await?;
+        let shared = Arc::new(Shared {
+            endpoint,
+            options,
+            policy,
+            plane: planes.requests.clone(),
+            alive: Mutex::new(
+                current
+                    .iter()
+                    .map(|i| (i.instance_id, CancellationToken::new()))
+                    .collect(),
+            ),
+            instances: RwLock::new(current),
+            loads: Mutex::default(),
+        });
+        let watcher = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    shared.apply(event);
+                }
+            })
+        };
+        let loads = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Some(bytes) = load_reports.recv().await {
+                    match serde_json::from_slice::<WorkerLoad>(&bytes) {
+                        Ok(load) => shared.record_load(load),
+                        Err(e) => tracing::warn!("dropping a malformed load report: {e}"),
                     }
                 }
-            }
-        });
+            })
+        };
         Ok(Self {
-            endpoint,
-            instances,
-            alive,
-            policy,
-            plane,
-            watcher,
+            shared,
+            tasks: vec![watcher, loads],
         })
+    }
+
+    pub fn instances(&self) -> Vec<Instance> {
+        self.shared.instances()
+    }
+
+    /// The latest load each live worker reported.
+    pub fn loads(&self) -> Vec<WorkerLoad> {
+        let mut loads: Vec<WorkerLoad> = self.shared.lock_loads().values().cloned().collect();
+        loads.sort_by_key(|l| l.instance_id);
+        loads
+    }
+
+    pub fn policy_name(&self) -> &'static str {
+        self.shared.policy.name()
+    }
+
+    /// Sends `request` to the instance the policy picks and returns its response stream, which
+    /// moves the request to another instance if its worker fails before the first token.
+    /// Dropping the stream cancels the request at the worker.
+    pub async fn generate(&self, request: GenerateRequest) -> Result<RoutedStream, RouterError> {
+        RoutedStream::start(self.shared.clone(), request).await
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Shared {
+    fn apply(&self, event: DiscoveryEvent) {
+        let mut list = self.instances.write().unwrap_or_else(|e| e.into_inner());
+        let mut tokens = self.alive.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            DiscoveryEvent::Put(instance) => {
+                list.retain(|i| i.instance_id != instance.instance_id);
+                tracing::info!(instance = instance.instance_id, "worker joined");
+                tokens.entry(instance.instance_id).or_default();
+                list.push(instance);
+            }
+            DiscoveryEvent::Delete { instance_id } => {
+                list.retain(|i| i.instance_id != instance_id);
+                if let Some(token) = tokens.remove(&instance_id) {
+                    token.cancel();
+                }
+                self.lock_loads().remove(&instance_id);
+                tracing::info!(instance = instance_id, "worker left");
+            }
+        }
+    }
+
+    fn lock_loads(&self) -> std::sync::MutexGuard<'_, HashMap<u64, WorkerLoad>> {
+        self.loads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps reports of live instances only: a late report must not resurrect a dead worker.
+    fn record_load(&self, load: WorkerLoad) {
+        let live = self
+            .instances
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|i| i.instance_id == load.instance_id);
+        if live {
+            self.lock_loads().insert(load.instance_id, load);
+        }
     }
 
     pub fn instances(&self) -> Vec<Instance> {
@@ -85,125 +186,68 @@ impl Router {
             .clone()
     }
 
-    /// Sends `request` to the instance the policy picks (dropping the returned stream cancels
-    /// the request at the worker).
-    pub async fn generate(&self, request: &GenerateRequest) -> Result<Dispatch, RouterError> {
-        let (instance_id, address) = {
-            let list = self.instances.read().unwrap_or_else(|e| e.into_inner());
+    /// Asks the policy for an instance other than those in `avoid` (unless they are all that
+    /// is left) and opens the request's stream there.
+    pub async fn dispatch(
+        &self,
+        request: &GenerateRequest,
+        avoid: &[u64],
+    ) -> Result<Dispatch, RouterError> {
+        let (selection, address) = {
+            let list = self.instances();
             if list.is_empty() {
                 return Err(RouterError::NoInstances(self.endpoint.prefix()));
             }
+            let fresh: Vec<Instance> = list
+                .iter()
+                .filter(|i| !avoid.contains(&i.instance_id))
+                .cloned()
+                .collect();
+            let candidates = if fresh.is_empty() { list } else { fresh };
+            let hashes = block_hashes(&request.token_ids, self.options.block_size);
+            let loads = self.lock_loads().clone();
             let ctx = RouteContext {
                 request_id: &request.request_id,
                 token_ids: &request.token_ids,
+                block_hashes: &hashes,
+                instances: &candidates,
+                loads: &loads,
             };
-            let i = self.policy.select(&list, &ctx).min(list.len() - 1);
-            (list[i].instance_id, list[i].address.clone())
+            let selection = self.policy.select(&ctx)?;
+            let Some(chosen) = candidates
+                .iter()
+                .find(|i| i.instance_id == selection.instance_id)
+            else {
+                // A policy bug, not the client's: say which instance it invented.
+                return Err(RouterError::Lost(format!(
+                    "routing policy `{}` chose instance {:x}, which is not a candidate",
+                    self.policy.name(),
+                    selection.instance_id
+                )));
+            };
+            self.policy
+                .on_dispatch(&request.request_id, &selection, &ctx);
+            (selection, chosen.address.clone())
         };
         let gone = self
             .alive
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(instance_id)
+            .entry(selection.instance_id)
             .or_default()
             .clone();
         let payload = serde_json::to_vec(request).expect("protocol types serialize");
-        let stream = self.plane.request(&address, payload).await?;
-        Ok(Dispatch {
-            instance_id,
-            stream,
-            gone,
-        })
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        self.watcher.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use runtime::discovery::{InstanceSpec, MemoryDiscovery};
-    use runtime::protocol::SamplingParams;
-    use runtime::request_plane::MemoryRequestPlane;
-
-    use super::*;
-    use crate::policy::RoundRobin;
-
-    fn request() -> GenerateRequest {
-        GenerateRequest {
-            request_id: "r".into(),
-            token_ids: vec![1, 2],
-            sampling: SamplingParams::greedy(1),
+        match self.plane.request(&address, payload).await {
+            Ok(stream) => Ok(Dispatch {
+                selection,
+                stream,
+                gone,
+            }),
+            Err(e) => {
+                self.policy
+                    .on_finish(&request.request_id, selection.instance_id);
+                Err(RouterError::RequestPlane(e))
+            }
         }
-    }
-
-    #[tokio::test]
-    async fn round_robin_spreads_and_deleted_instances_leave_routing() {
-        let discovery = MemoryDiscovery::default();
-        let plane = Arc::new(MemoryRequestPlane::new(Duration::from_secs(1)));
-        let endpoint = EndpointId::new("t", "decode-worker", "generate");
-        let router = Router::new(
-            &discovery,
-            plane.clone(),
-            endpoint.clone(),
-            Box::new(RoundRobin::default()),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(
-            router.generate(&request()).await,
-            Err(RouterError::NoInstances(_))
-        ));
-        let mut regs = Vec::new();
-        let mut served = Vec::new();
-        for name in ["a", "b"] {
-            served.push(plane.serve(name).await.unwrap());
-            regs.push(
-                discovery
-                    .register(InstanceSpec {
-                        endpoint: endpoint.clone(),
-                        address: name.into(),
-                        model: None,
-                        metadata: serde_json::Value::Null,
-                    })
-                    .await
-                    .unwrap(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let mut picked = Vec::new();
-        for _ in 0..4 {
-            picked.push(router.generate(&request()).await.unwrap().instance_id);
-        }
-        let ids: Vec<u64> = regs.iter().map(|r| r.instance.instance_id).collect();
-        assert_eq!(picked.iter().filter(|&&p| p == ids[0]).count(), 2);
-        assert_eq!(picked.iter().filter(|&&p| p == ids[1]).count(), 2);
-
-        let first = router.generate(&request()).await.unwrap();
-        let on_first = if first.instance_id == ids[0] {
-            first
-        } else {
-            router.generate(&request()).await.unwrap()
-        };
-        assert_eq!(on_first.instance_id, ids[0]);
-        assert!(!on_first.gone.is_cancelled());
-        drop(regs.remove(0));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(
-            on_first.gone.is_cancelled(),
-            "a deleted instance's dispatches learn it is gone"
-        );
-        for _ in 0..3 {
-            assert_eq!(
-                router.generate(&request()).await.unwrap().instance_id,
-                ids[1]
-            );
-        }
-        assert_eq!(router.instances().len(), 1);
     }
 }

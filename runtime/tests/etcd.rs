@@ -3,13 +3,15 @@
 //! registration leaves at once, a lost lease and an etcd restart are recovered from without
 //! restarting anything, and an unreachable etcd is reported promptly by name.
 
+mod contract;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use runtime::discovery::{
     Discovery, DiscoveryEvent, EndpointId, EtcdDiscovery, Instance, InstanceSpec,
 };
-use runtime::infra::etcd::EtcdServer;
+use test_support::EtcdServer;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// etcd's minimum lease TTL with default timings; keeps expiry tests short.
@@ -85,6 +87,13 @@ impl View {
         a.sort();
         a
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_discovery_contract_holds_over_etcd() {
+    let etcd = EtcdServer::start().expect("etcd");
+    let discovery = connect(&etcd, Duration::from_secs(10)).await;
+    contract::watchers_see_instances_puts_and_deletes(&discovery, "contract").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,7 +247,7 @@ async fn instances_and_watchers_recover_from_an_etcd_restart() {
 
 #[tokio::test]
 async fn an_unreachable_etcd_is_reported_promptly_by_name() {
-    let url = format!("http://127.0.0.1:{}", runtime::infra::free_port());
+    let url = format!("http://127.0.0.1:{}", test_support::free_port());
     let started = Instant::now();
     let result = EtcdDiscovery::connect(std::slice::from_ref(&url), TTL).await;
     let took = started.elapsed();

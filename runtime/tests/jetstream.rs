@@ -4,11 +4,13 @@
 //! connections share one queue with each job delivered once; `pending` counts waiting jobs
 //! per model; a waiting worker survives a NATS restart; an unreachable server is named.
 
+mod contract;
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use runtime::infra::nats::NatsServer;
 use runtime::work_queue::{JetStreamWorkQueue, Job, WorkQueue};
+use test_support::NatsServer;
 
 const ACK_WAIT: Duration = Duration::from_secs(1);
 /// A model name with the characters JetStream names and subjects cannot hold.
@@ -26,6 +28,13 @@ async fn next_within(q: &JetStreamWorkQueue, limit: Duration) -> Option<Job> {
         .await
         .ok()
         .map(|r| r.expect("next").expect("queue open"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_work_queue_contract_holds_over_jetstream() {
+    let nats = NatsServer::start().expect("nats-server");
+    let q = queue(&nats, MODEL, ACK_WAIT).await;
+    contract::jobs_are_acked_redelivered_and_nakked(&q, ACK_WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,46 +70,6 @@ async fn a_job_is_handed_out_acked_and_gone() {
         .await
         .expect("stream exists");
     assert_eq!(stream.info().await.expect("stream info").state.messages, 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unacked_job_is_redelivered_after_ack_wait() {
-    let nats = NatsServer::start().expect("nats-server");
-    let q = queue(&nats, MODEL, ACK_WAIT).await;
-    q.enqueue(b"job".to_vec()).await.expect("enqueue");
-    let first = next_within(&q, Duration::from_secs(5))
-        .await
-        .expect("a job");
-    let handed_out = Instant::now();
-    drop(first); // its worker died holding it
-
-    let again = next_within(&q, ACK_WAIT + Duration::from_secs(3))
-        .await
-        .expect("redelivered");
-    let took = handed_out.elapsed();
-    assert_eq!((again.payload.as_slice(), again.delivery), (&b"job"[..], 2));
-    assert!(
-        took >= ACK_WAIT - Duration::from_millis(100),
-        "after {took:?}"
-    );
-    again.ack().await.expect("ack");
-    assert!(next_within(&q, ACK_WAIT * 2).await.is_none());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nak_gives_the_job_back_at_once() {
-    let nats = NatsServer::start().expect("nats-server");
-    let q = queue(&nats, MODEL, Duration::from_secs(60)).await;
-    q.enqueue(b"job".to_vec()).await.expect("enqueue");
-    let first = next_within(&q, Duration::from_secs(5))
-        .await
-        .expect("a job");
-    first.nak().await.expect("nak");
-    let again = next_within(&q, Duration::from_secs(2))
-        .await
-        .expect("redelivered well before the 60 s ack_wait");
-    assert_eq!(again.delivery, 2);
-    again.ack().await.expect("ack");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +167,7 @@ async fn a_waiting_worker_survives_a_nats_restart() {
 
 #[tokio::test]
 async fn an_unreachable_nats_is_reported_promptly_by_name() {
-    let url = format!("nats://127.0.0.1:{}", runtime::infra::free_port());
+    let url = format!("nats://127.0.0.1:{}", test_support::free_port());
     let started = Instant::now();
     let result = JetStreamWorkQueue::connect(&url, "dynamo", MODEL, ACK_WAIT).await;
     let took = started.elapsed();

@@ -6,17 +6,35 @@
 //! serve again after a NATS restart; events fan out over NATS and in memory; an unreachable
 //! server is named promptly.
 
+mod contract;
+
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use runtime::event_plane::{EventPlane, MemoryEventPlane, NatsEventPlane};
-use runtime::infra::nats::NatsServer;
-use runtime::request_plane::{
-    IncomingRequest, NatsRequestPlane, RequestPlane, RequestPlaneError,
-};
+use runtime::request_plane::{IncomingRequest, NatsRequestPlane, RequestPlane, RequestPlaneError};
+use test_support::NatsServer;
 use tokio::sync::mpsc;
 
 const ADDRESS: &str = "baton.decode-worker.generate.1f";
+
+/// The request-plane contract over NATS, caller and worker on separate connections (the
+/// silence timeout is long: every failure must arrive by message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_plane_contract_holds_over_nats() {
+    let nats = NatsServer::start().expect("nats-server");
+    let worker = plane(&nats, Duration::from_secs(10)).await;
+    let caller = plane(&nats, Duration::from_secs(10)).await;
+    contract::frames_arrive_complete_and_in_order(&worker, &caller, ADDRESS).await;
+    contract::dropping_the_stream_cancels_the_worker(&worker, &caller, &format!("{ADDRESS}0"))
+        .await;
+    contract::worker_errors_are_remote_and_a_dropped_sender_truncated(
+        &worker,
+        &caller,
+        &format!("{ADDRESS}1"),
+    )
+    .await;
+}
 
 async fn plane(nats: &NatsServer, silence: Duration) -> NatsRequestPlane {
     NatsRequestPlane::connect(&nats.url, silence)
@@ -29,33 +47,6 @@ async fn next_request(incoming: &mut mpsc::Receiver<IncomingRequest>) -> Incomin
         .await
         .expect("a request arrives within 5 s")
         .expect("still serving")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_frames_arrive_complete_and_in_order() {
-    let nats = NatsServer::start().expect("nats-server");
-    let worker = plane(&nats, Duration::from_secs(5)).await;
-    let caller = plane(&nats, Duration::from_secs(5)).await;
-    let mut incoming = worker.serve(ADDRESS).await.expect("serve");
-    tokio::spawn(async move {
-        let mut req = next_request(&mut incoming).await;
-        let n: u32 = String::from_utf8(req.payload).unwrap().parse().unwrap();
-        for i in 0..n {
-            req.response.data(i.to_le_bytes().to_vec()).await.unwrap();
-        }
-        req.response.end().await.unwrap();
-    });
-    let mut stream = caller
-        .request(ADDRESS, b"1000".to_vec())
-        .await
-        .expect("request");
-    let mut got = Vec::new();
-    while let Some(frame) = stream.next().await {
-        got.push(u32::from_le_bytes(
-            frame.expect("data frame").try_into().unwrap(),
-        ));
-    }
-    assert_eq!(got, (0..1000).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,21 +84,6 @@ async fn dropping_the_stream_mid_response_cancels_the_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_the_stream_before_any_frame_resolves_cancelled_at_the_worker() {
-    let nats = NatsServer::start().expect("nats-server");
-    let worker = plane(&nats, Duration::from_secs(5)).await;
-    let caller = plane(&nats, Duration::from_secs(5)).await;
-    let mut incoming = worker.serve(ADDRESS).await.expect("serve");
-    let stream = caller.request(ADDRESS, vec![]).await.expect("request");
-    let req = next_request(&mut incoming).await;
-    assert!(!req.response.is_cancelled());
-    drop(stream);
-    tokio::time::timeout(Duration::from_secs(2), req.response.cancelled())
-        .await
-        .expect("cancellation reaches the worker within 2 s");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_goes_quiet_fails_the_caller_with_silent_and_is_cancelled() {
     let silence = Duration::from_millis(300);
     let nats = NatsServer::start().expect("nats-server");
@@ -136,53 +112,11 @@ async fn a_worker_that_goes_quiet_fails_the_caller_with_silent_and_is_cancelled(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_errors_arrive_as_remote_and_a_dropped_sender_as_truncated() {
-    let nats = NatsServer::start().expect("nats-server");
-    // A long silence: both failures must arrive by message, not by timeout.
-    let worker = plane(&nats, Duration::from_secs(10)).await;
-    let caller = plane(&nats, Duration::from_secs(10)).await;
-    let mut incoming = worker.serve(ADDRESS).await.expect("serve");
-
-    let mut erroring = caller.request(ADDRESS, vec![]).await.expect("request");
-    let mut req = next_request(&mut incoming).await;
-    req.response.data(b"partial".to_vec()).await.expect("data");
-    req.response
-        .error("engine failed: `max_tokens` exceeds the context".into())
-        .await
-        .expect("error frame");
-    assert_eq!(erroring.next().await, Some(Ok(b"partial".to_vec())));
-    assert_eq!(
-        erroring.next().await,
-        Some(Err(RequestPlaneError::Remote(
-            "engine failed: `max_tokens` exceeds the context".into()
-        )))
-    );
-    assert_eq!(erroring.next().await, None);
-
-    let started = Instant::now();
-    let mut truncated = caller.request(ADDRESS, vec![]).await.expect("request");
-    drop(next_request(&mut incoming).await);
-    assert_eq!(
-        truncated.next().await,
-        Some(Err(RequestPlaneError::Truncated))
-    );
-    assert!(started.elapsed() < Duration::from_secs(2));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unserved_address_is_no_such_address_at_once() {
     let nats = NatsServer::start().expect("nats-server");
     let caller = plane(&nats, Duration::from_secs(10)).await;
-    let started = Instant::now();
-    let result = caller
-        .request("baton.decode-worker.generate.dead", vec![])
+    contract::an_unserved_address_is_no_such_address(&caller, "baton.decode-worker.generate.dead")
         .await;
-    assert!(
-        matches!(&result, Err(RequestPlaneError::NoSuchAddress(a)) if a == "baton.decode-worker.generate.dead"),
-        "{:?}",
-        result.err()
-    );
-    assert!(started.elapsed() < Duration::from_secs(2));
 
     // A worker that stops serving leaves its address unserved too. (A request crossing the
     // unsubscription on the wire can still be lost and end `Silent`: keep that wait short.)
@@ -311,7 +245,7 @@ async fn events_fan_out_over_nats_and_in_memory() {
 
 #[tokio::test]
 async fn an_unreachable_nats_is_reported_promptly_by_name() {
-    let url = format!("nats://127.0.0.1:{}", runtime::infra::free_port());
+    let url = format!("nats://127.0.0.1:{}", test_support::free_port());
     let started = Instant::now();
     let requests = NatsRequestPlane::connect(&url, Duration::from_secs(1)).await;
     let events = NatsEventPlane::connect(&url).await;

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use runtime::infra::nats::NatsServer;
 use runtime::request_plane::{MemoryRequestPlane, NatsRequestPlane, RequestPlane};
+use test_support::NatsServer;
 
 #[derive(Parser)]
 struct Args {

@@ -31,7 +31,7 @@ pub async fn live() -> Json<serde_json::Value> {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    state.metrics.set_engine(&(state.loads)());
+    state.metrics.set_engine(&state.router.loads());
     (
         [(
             header::CONTENT_TYPE,

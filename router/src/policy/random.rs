@@ -1,9 +1,7 @@
 //! Random: a uniformly random instance per request; stateless, so several routers never
 //! herd onto the same worker.
 
-use runtime::discovery::Instance;
-
-use super::{RouteContext, RoutingPolicy};
+use super::{NoCapacity, RouteContext, RoutingPolicy, Selection};
 
 pub struct Random;
 
@@ -12,7 +10,8 @@ impl RoutingPolicy for Random {
         "random"
     }
 
-    fn select(&self, instances: &[Instance], _request: &RouteContext<'_>) -> usize {
-        rand::random_range(0..instances.len())
+    fn select(&self, ctx: &RouteContext<'_>) -> Result<Selection, NoCapacity> {
+        let i = rand::random_range(0..ctx.instances.len());
+        Ok(Selection::of(&ctx.instances[i]))
     }
 }

@@ -3,9 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use runtime::discovery::Instance;
-
-use super::{RouteContext, RoutingPolicy};
+use super::{NoCapacity, RouteContext, RoutingPolicy, Selection};
 
 #[derive(Default)]
 pub struct RoundRobin {
@@ -17,7 +15,8 @@ impl RoutingPolicy for RoundRobin {
         "round-robin"
     }
 
-    fn select(&self, instances: &[Instance], _request: &RouteContext<'_>) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % instances.len()
+    fn select(&self, ctx: &RouteContext<'_>) -> Result<Selection, NoCapacity> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % ctx.instances.len();
+        Ok(Selection::of(&ctx.instances[i]))
     }
 }

@@ -107,43 +107,6 @@ impl Discovery for MemoryDiscovery {
 mod tests {
     use super::*;
 
-    fn spec(endpoint: &EndpointId, address: &str) -> InstanceSpec {
-        InstanceSpec {
-            endpoint: endpoint.clone(),
-            address: address.into(),
-            model: Some("smollm2".into()),
-            metadata: serde_json::Value::Null,
-        }
-    }
-
-    #[tokio::test]
-    async fn watchers_see_existing_instances_puts_and_deletes() {
-        let d = MemoryDiscovery::new();
-        let workers = EndpointId::new("dynamo", "decode", "generate");
-        let other = EndpointId::new("dynamo", "prefill", "generate");
-        let first = d.register(spec(&workers, "a")).await.unwrap();
-        let _elsewhere = d.register(spec(&other, "p")).await.unwrap();
-
-        let (now, mut events) = d.watch(&workers).await.unwrap();
-        assert_eq!(now, vec![first.instance.clone()]);
-
-        let second = d.register(spec(&workers, "b")).await.unwrap();
-        assert_ne!(second.instance.instance_id, first.instance.instance_id);
-        assert_eq!(
-            events.recv().await,
-            Some(DiscoveryEvent::Put(second.instance.clone()))
-        );
-        let gone = first.instance.instance_id;
-        drop(first);
-        assert_eq!(
-            events.recv().await,
-            Some(DiscoveryEvent::Delete { instance_id: gone })
-        );
-        let (now, _) = d.watch(&workers).await.unwrap();
-        assert_eq!(now, vec![second.instance.clone()]);
-        assert!(events.try_recv().is_err(), "no event for another endpoint");
-    }
-
     #[test]
     fn keys_follow_the_design_layout() {
         let e = EndpointId::new("dynamo", "VllmWorker", "generate");

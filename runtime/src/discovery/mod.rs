@@ -3,6 +3,7 @@
 //! routing at once. The in-memory implementation serves `baton serve` in one process; the
 //! etcd one (the distributed-runtime issue) keeps the same keys and semantics.
 
+#[cfg(feature = "network")]
 pub mod etcd;
 pub mod memory;
 
@@ -10,6 +11,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+#[cfg(feature = "network")]
 pub use etcd::EtcdDiscovery;
 pub use memory::MemoryDiscovery;
 

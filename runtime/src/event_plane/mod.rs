@@ -6,12 +6,14 @@
 //! (`memory.rs`) for `baton serve`, NATS core subjects (`nats.rs`) for `baton run`.
 
 pub mod memory;
+#[cfg(feature = "network")]
 pub mod nats;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 pub use memory::MemoryEventPlane;
+#[cfg(feature = "network")]
 pub use nats::NatsEventPlane;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -6,6 +6,7 @@
 //! `baton run`, where every component is its own process.
 
 pub mod memory;
+#[cfg(feature = "network")]
 pub mod nats;
 
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use memory::MemoryRequestPlane;
+#[cfg(feature = "network")]
 pub use nats::NatsRequestPlane;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

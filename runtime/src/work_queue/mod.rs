@@ -6,11 +6,13 @@
 //! `MemoryWorkQueue` serves `baton serve` in one process; `JetStreamWorkQueue` is the same
 //! contract over NATS JetStream for separate processes.
 
+#[cfg(feature = "network")]
 pub mod jetstream;
 pub mod memory;
 
 use async_trait::async_trait;
 
+#[cfg(feature = "network")]
 pub use jetstream::JetStreamWorkQueue;
 pub use memory::MemoryWorkQueue;
 

@@ -1,9 +1,14 @@
-//! Local NATS and etcd servers for tests and benchmarks: the binaries `scripts/infra` installs
-//! into the project venv, started on free loopback ports with their data in a temp folder, and
-//! restartable on the same port (to test reconnection). Production deployments run their own.
+//! What Baton's tests and benchmarks share and nothing ships: local NATS and etcd servers (the
+//! binaries `scripts/infra` installs into the project venv, started on free loopback ports with
+//! their data in a temp folder, restartable on the same port to test reconnection), free ports,
+//! and the tail of a child's log for failure messages. Production deployments run their own
+//! NATS and etcd; no shipped crate depends on this one.
 
 pub mod etcd;
 pub mod nats;
+
+pub use etcd::EtcdServer;
+pub use nats::NatsServer;
 
 use std::path::PathBuf;
 
@@ -43,6 +48,13 @@ pub fn wait_for_port(port: u16, timeout: std::time::Duration) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     false
+}
+
+/// The last `lines` lines of a log file (empty when it cannot be read), for failure messages.
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A server child process with a private temp folder (its data and `{name}.log`), shared by
@@ -104,15 +116,13 @@ impl LocalProcess {
             let exited = child.try_wait().ok().flatten();
             let _ = child.kill();
             let _ = child.wait();
-            let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
                     "{} did not open port {port} within {timeout:?} (exit: {exited:?}); log {}:\n{}",
                     self.name,
                     self.log_path().display(),
-                    lines[lines.len().saturating_sub(20)..].join("\n")
+                    log_tail(&self.log_path(), 20)
                 ),
             ));
         }

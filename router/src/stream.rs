@@ -1,0 +1,182 @@
+//! A routed request's response: the worker's messages, decoded, with failover. When the worker
+//! fails before sending a token (it died, left discovery, or its address vanished), the client
+//! has seen nothing, so the request moves to another instance under a fresh id; once a token
+//! came back, or when the engine itself failed the request (it would fail anywhere), the
+//! failure is the caller's to report. The policy's hooks fire on each dispatch, on the first
+//! token and when the request leaves an instance, whichever way it leaves.
+
+use std::sync::Arc;
+
+use runtime::protocol::{GenerateRequest, GenerateResponse};
+use runtime::request_plane::RequestPlaneError;
+
+use crate::error::RouterError;
+use crate::router::{Dispatch, Shared};
+
+pub struct RoutedStream {
+    shared: Arc<Shared>,
+    request: GenerateRequest,
+    dispatch: Option<Dispatch>,
+    /// Instances that failed this request.
+    failed: Vec<u64>,
+    /// Whether any token came back (then a failure cannot be retried).
+    started: bool,
+    retries_left: u32,
+    attempt: u32,
+    done: bool,
+}
+
+/// How a worker stream failed.
+enum Failure {
+    Plane(RequestPlaneError),
+    Ended,
+    Gone,
+}
+
+impl RoutedStream {
+    pub(crate) async fn start(
+        shared: Arc<Shared>,
+        request: GenerateRequest,
+    ) -> Result<Self, RouterError> {
+        let mut stream = Self {
+            retries_left: shared.options.retries,
+            shared,
+            request,
+            dispatch: None,
+            failed: Vec::new(),
+            started: false,
+            attempt: 0,
+            done: false,
+        };
+        stream.connect().await?;
+        Ok(stream)
+    }
+
+    /// The instance serving the request now.
+    pub fn instance_id(&self) -> Option<u64> {
+        self.dispatch.as_ref().map(|d| d.selection.instance_id)
+    }
+
+    /// The id the current attempt runs under (retries get fresh ids).
+    pub fn request_id(&self) -> &str {
+        &self.request.request_id
+    }
+
+    /// Dispatches, retrying elsewhere when the chosen address has just vanished.
+    async fn connect(&mut self) -> Result<(), RouterError> {
+        loop {
+            match self.shared.dispatch(&self.request, &self.failed).await {
+                Ok(d) => {
+                    self.dispatch = Some(d);
+                    return Ok(());
+                }
+                Err(RouterError::RequestPlane(RequestPlaneError::NoSuchAddress(a)))
+                    if self.retries_left > 0 =>
+                {
+                    tracing::warn!(request = %self.request.request_id, address = %a, "worker address vanished; routing elsewhere");
+                    self.next_attempt(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next message: tokens, or a rejection of the request; `None` after the last one.
+    pub async fn next(&mut self) -> Option<Result<GenerateResponse, RouterError>> {
+        if self.done {
+            return None;
+        }
+        let item = self.advance().await;
+        let last = match &item {
+            Ok(GenerateResponse::Tokens(d)) => d.finish_reason.is_some(),
+            _ => true,
+        };
+        if last {
+            self.done = true;
+            self.leave();
+        }
+        Some(item)
+    }
+
+    async fn advance(&mut self) -> Result<GenerateResponse, RouterError> {
+        loop {
+            if self.dispatch.is_none() {
+                self.connect().await?;
+            }
+            let d = self.dispatch.as_mut().expect("connected above");
+            let frame = tokio::select! {
+                biased;
+                frame = d.stream.next() => match frame {
+                    Some(Ok(bytes)) => Ok(bytes),
+                    Some(Err(e)) => Err(Failure::Plane(e)),
+                    None => Err(Failure::Ended),
+                },
+                _ = d.gone.cancelled() => Err(Failure::Gone),
+            };
+            let bytes = match frame {
+                Ok(bytes) => bytes,
+                Err(failure) => {
+                    let instance = self.leave();
+                    // An engine error (`Remote`) would fail again elsewhere; a lost worker not.
+                    let engine_error =
+                        matches!(failure, Failure::Plane(RequestPlaneError::Remote(_)));
+                    if !self.started && !engine_error && self.retries_left > 0 {
+                        tracing::warn!(request = %self.request.request_id, "worker failed before the first token; retrying on another");
+                        self.next_attempt(instance);
+                        continue;
+                    }
+                    return Err(match failure {
+                        Failure::Plane(RequestPlaneError::Remote(m)) => RouterError::Worker(m),
+                        Failure::Plane(e) => RouterError::Lost(e.to_string()),
+                        Failure::Ended => RouterError::Lost(
+                            "the worker ended the stream before the request finished".into(),
+                        ),
+                        Failure::Gone => RouterError::Lost(
+                            "the worker serving this request went away (its discovery lease ended)"
+                                .into(),
+                        ),
+                    });
+                }
+            };
+            let message: GenerateResponse = serde_json::from_slice(&bytes)
+                .map_err(|e| RouterError::Malformed(e.to_string()))?;
+            if let GenerateResponse::Tokens(delta) = &message {
+                if !self.started && !delta.token_ids.is_empty() {
+                    self.started = true;
+                    if let Some(id) = self.instance_id() {
+                        self.shared
+                            .policy
+                            .on_first_token(&self.request.request_id, id);
+                    }
+                }
+            }
+            return Ok(message);
+        }
+    }
+
+    /// Drops the current dispatch (cancelling it at the worker) and tells the policy.
+    fn leave(&mut self) -> Option<u64> {
+        let d = self.dispatch.take()?;
+        let id = d.selection.instance_id;
+        self.shared.policy.on_finish(&self.request.request_id, id);
+        Some(id)
+    }
+
+    /// A fresh id, so a worker that still holds the last attempt cannot take it for a duplicate.
+    fn next_attempt(&mut self, failed: Option<u64>) {
+        self.failed.extend(failed);
+        self.retries_left -= 1;
+        self.attempt += 1;
+        let base = match self.request.request_id.rsplit_once("-r") {
+            Some((base, n)) if self.attempt > 1 && n.parse::<u32>().is_ok() => base.to_string(),
+            _ => self.request.request_id.clone(),
+        };
+        self.request.request_id = format!("{base}-r{}", self.attempt);
+    }
+}
+
+impl Drop for RoutedStream {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
