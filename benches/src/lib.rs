@@ -1,2 +1,4 @@
-//! Baton's benchmarks. Today: engine throughput on CPU (`engine-bench`); the HTTP load
-//! generator, trace replay and policy comparisons arrive with the benchmark issue.
+//! Baton's benchmarks: engine throughput on CPU (`engine-bench`), the serving overhead of
+//! `baton serve` over HTTP (`serve-bench`), request-plane round trips in-process and over NATS
+//! (`plane-bench`), and the micro-measurements in `examples/`. The `baton bench` load generator,
+//! trace replay and policy comparisons arrive with the benchmark issue.
