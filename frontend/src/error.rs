@@ -123,6 +123,19 @@ impl ApiError {
     }
 }
 
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        let status = axum::http::StatusCode::from_u16(self.status)
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            self.to_json(),
+        )
+            .into_response()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,18 +150,5 @@ mod tests {
         assert_eq!(v["error"]["param"], "top_p");
         assert!(v["error"]["code"].is_null());
         assert_eq!(ApiError::model_not_found("x").status, 404);
-    }
-}
-
-impl axum::response::IntoResponse for ApiError {
-    fn into_response(self) -> axum::response::Response {
-        let status = axum::http::StatusCode::from_u16(self.status)
-            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-        (
-            status,
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            self.to_json(),
-        )
-            .into_response()
     }
 }

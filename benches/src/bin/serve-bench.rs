@@ -590,14 +590,7 @@ async fn bench(args: &Args, pid: u32, base: &str, tick: f64) -> Result<Value> {
         idle.frontend / idle.wall * 1e3
     );
 
-    let mut run = |label: String,
-                   conn: Conn,
-                   kind: Kind,
-                   n: usize,
-                   c: usize|
-     -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<(String, Figures)>> + '_>,
-    > {
+    let mut run = |label: String, conn: Conn, kind: Kind, n: usize, c: usize| -> RunFuture<'_> {
         let http = if conn == Conn::KeepAlive {
             &keep
         } else {
@@ -815,3 +808,7 @@ fn main() -> Result<()> {
     }
     Ok(())
 }
+
+/// One measured run of the sweep, boxed so the closure can be called in a loop.
+type RunFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(String, Figures)>> + 'a>>;

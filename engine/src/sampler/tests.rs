@@ -153,7 +153,7 @@ fn greedy_rows_do_not_advance_their_stream() {
     let mut greedy_then_sampled = Case::sampled(1.0, 9);
     greedy_then_sampled.params.temperature = 0.0;
     tokens(
-        &logits(&[row.clone()]),
+        &logits(std::slice::from_ref(&row)),
         std::slice::from_mut(&mut greedy_then_sampled),
     );
     greedy_then_sampled.params.temperature = 1.0;
@@ -161,10 +161,13 @@ fn greedy_rows_do_not_advance_their_stream() {
     for _ in 0..10 {
         assert_eq!(
             tokens(
-                &logits(&[row.clone()]),
+                &logits(std::slice::from_ref(&row)),
                 std::slice::from_mut(&mut greedy_then_sampled)
             ),
-            tokens(&logits(&[row.clone()]), std::slice::from_mut(&mut fresh)),
+            tokens(
+                &logits(std::slice::from_ref(&row)),
+                std::slice::from_mut(&mut fresh)
+            ),
         );
     }
 }
@@ -245,7 +248,12 @@ fn seeded_draws_do_not_depend_on_batch_position() {
     let alone: Vec<u32> = {
         let mut case = Case::sampled(1.0, 42);
         (0..50)
-            .map(|_| tokens(&logits(&[flat.clone()]), std::slice::from_mut(&mut case))[0])
+            .map(|_| {
+                tokens(
+                    &logits(std::slice::from_ref(&flat)),
+                    std::slice::from_mut(&mut case),
+                )[0]
+            })
             .collect()
     };
     assert_eq!(alone, first);
