@@ -12,8 +12,9 @@ use serde_json::{json, Value};
 
 #[tokio::test]
 async fn models_health_live_and_metrics() {
-    let a = main_server();
-    let client = client();
+    let Api {
+        server: a, client, ..
+    } = api(main_server());
 
     let (status, body) = get_text(&client, &a.url("/v1/models")).await;
     assert_eq!(status, 200, "{body}");
@@ -79,10 +80,9 @@ async fn models_health_live_and_metrics() {
 
 #[tokio::test]
 async fn chat_and_completions_are_well_formed() {
-    let a = main_server();
-    let client = client();
-    let chat = a.url("/v1/chat/completions");
-    let cmpl = a.url("/v1/completions");
+    let Api {
+        client, chat, cmpl, ..
+    } = api(main_server());
 
     let v = ok_json(
         &client,
@@ -179,8 +179,9 @@ async fn chat_and_completions_are_well_formed() {
 
 #[tokio::test]
 async fn unknown_model_gets_404() {
-    let a = main_server();
-    let client = client();
+    let Api {
+        server: a, client, ..
+    } = api(main_server());
     let mut body = chat_body("hi", 4);
     body["model"] = json!("no-such-model");
     let (status, v) = post_json(&client, &a.url("/v1/chat/completions"), &body).await;

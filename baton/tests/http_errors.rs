@@ -14,10 +14,9 @@ use serde_json::{json, Value};
 
 #[tokio::test]
 async fn bad_requests_get_400() {
-    let a = main_server();
-    let client = client();
-    let chat = a.url("/v1/chat/completions");
-    let cmpl = a.url("/v1/completions");
+    let Api {
+        client, chat, cmpl, ..
+    } = api(main_server());
 
     let cases: Vec<(&str, &String, Value, &str)> = vec![
         (
@@ -77,8 +76,9 @@ async fn bad_requests_get_400() {
 /// Over the limit, chat's `top_logprobs` is the parameter at fault, and the error says so.
 #[tokio::test]
 async fn top_logprobs_over_the_limit_names_top_logprobs() {
-    let a = main_server();
-    let client = client();
+    let Api {
+        server: a, client, ..
+    } = api(main_server());
     let body = with(
         chat_body("hi", 2),
         json!({"logprobs": true, "top_logprobs": 1000}),
@@ -89,10 +89,7 @@ async fn top_logprobs_over_the_limit_names_top_logprobs() {
 
 #[tokio::test]
 async fn api_key_401_and_body_limit_413() {
-    let _b = LIMITED.lock().await;
-    let b = limited_server();
-    let client = client();
-    let chat = b.url("/v1/chat/completions");
+    let (_held, b, client, chat) = limited().await;
     let body = chat_body("hi", 2);
 
     let (status, v) = post_json(&client, &chat, &body).await;
@@ -132,10 +129,7 @@ async fn api_key_401_and_body_limit_413() {
 
 #[tokio::test]
 async fn over_max_inflight_gets_503() {
-    let _b = LIMITED.lock().await;
-    let b = limited_server();
-    let client = client();
-    let chat = b.url("/v1/chat/completions");
+    let (_held, b, client, chat) = limited().await;
 
     let long = with(
         chat_body("Tell me a long story.", 300),
@@ -170,8 +164,9 @@ async fn over_max_inflight_gets_503() {
 
 #[tokio::test]
 async fn no_worker_gets_503() {
-    let c = workerless_server();
-    let client = client();
+    let Api {
+        server: c, client, ..
+    } = api(workerless_server());
     let (status, v) = post_json(&client, &c.url("/v1/chat/completions"), &chat_body("hi", 2)).await;
     assert_error(status, &v, 503, None, "chat without a worker");
     let (status, v) = post_json(

@@ -38,10 +38,9 @@ async fn assert_stream_matches(client: &reqwest::Client, url: &str, body: Value,
 #[tokio::test]
 async fn greedy_stream_equals_non_stream() {
     let _quiet = QUIET.lock().await;
-    let d = quiet_server();
-    let client = client();
-    let chat = d.url("/v1/chat/completions");
-    let cmpl = d.url("/v1/completions");
+    let Api {
+        client, chat, cmpl, ..
+    } = api(quiet_server());
 
     for prompt in [
         "Write a haiku about autumn leaves.",
@@ -64,9 +63,9 @@ async fn greedy_stream_equals_non_stream() {
 #[tokio::test]
 async fn streamed_utf8_is_never_broken() {
     let _quiet = QUIET.lock().await;
-    let d = quiet_server();
-    let client = client();
-    let url = d.url("/v1/chat/completions");
+    let Api {
+        client, chat: url, ..
+    } = api(quiet_server());
     let body = chat_body("Write a short poem in Chinese with emoji.", 40);
     let v = ok_json(&client, &url, &body).await;
     let text = check_chat(&v);
@@ -118,8 +117,9 @@ async fn assert_stops_at(
 #[tokio::test]
 async fn stop_string_spanning_tokens_completions() {
     let _quiet = QUIET.lock().await;
-    let d = quiet_server();
-    let client = client();
+    let Api {
+        server: d, client, ..
+    } = api(quiet_server());
     let url = d.url("/v1/completions");
     let base = completion_body(json!("The history of the Roman Empire began"), 32);
 
@@ -165,9 +165,9 @@ async fn stop_string_spanning_tokens_completions() {
 #[tokio::test]
 async fn stop_string_of_words_chat() {
     let _quiet = QUIET.lock().await;
-    let d = quiet_server();
-    let client = client();
-    let url = d.url("/v1/chat/completions");
+    let Api {
+        client, chat: url, ..
+    } = api(quiet_server());
     let base = chat_body("Describe the ocean in two sentences.", 32);
     let text = check_chat(&ok_json(&client, &url, &base).await);
     let words: Vec<&str> = text.split(' ').filter(|w| !w.is_empty()).collect();
@@ -189,10 +189,9 @@ async fn stop_string_of_words_chat() {
 
 #[tokio::test]
 async fn ignore_eos_and_min_tokens_give_exact_lengths() {
-    let a = main_server();
-    let client = client();
-    let chat = a.url("/v1/chat/completions");
-    let cmpl = a.url("/v1/completions");
+    let Api {
+        client, chat, cmpl, ..
+    } = api(main_server());
     let short = chat_body("Say only: yes", 20);
 
     // Without them, the answer ends early on EOS.
@@ -204,44 +203,44 @@ async fn ignore_eos_and_min_tokens_give_exact_lengths() {
         "{v}"
     );
 
-    let v = ok_json(
-        &client,
-        &chat,
-        &with(short.clone(), json!({"ignore_eos": true})),
-    )
-    .await;
-    check_chat(&v);
-    assert_length(&v, 20, "ignore_eos");
-
-    let v = ok_json(
-        &client,
-        &chat,
-        &with(short.clone(), json!({"nvext": {"ignore_eos": true}})),
-    )
-    .await;
-    check_chat(&v);
-    assert_length(&v, 20, "nvext.ignore_eos");
-
-    let v = ok_json(
-        &client,
-        &cmpl,
-        &with(
-            completion_body(json!("The end."), 20),
-            json!({"nvext": {"ignore_eos": true}}),
+    let exact: [(&String, Value, u64, &str); 4] = [
+        (
+            &chat,
+            with(short.clone(), json!({"ignore_eos": true})),
+            20,
+            "ignore_eos",
         ),
-    )
-    .await;
-    check_completion(&v);
-    assert_length(&v, 20, "completions nvext.ignore_eos");
-
-    let v = ok_json(
-        &client,
-        &chat,
-        &with(chat_body("Say only: yes", 12), json!({"min_tokens": 12})),
-    )
-    .await;
-    check_chat(&v);
-    assert_length(&v, 12, "min_tokens 12, max_tokens 12");
+        (
+            &chat,
+            with(short.clone(), json!({"nvext": {"ignore_eos": true}})),
+            20,
+            "nvext.ignore_eos",
+        ),
+        (
+            &cmpl,
+            with(
+                completion_body(json!("The end."), 20),
+                json!({"nvext": {"ignore_eos": true}}),
+            ),
+            20,
+            "completions nvext.ignore_eos",
+        ),
+        (
+            &chat,
+            with(chat_body("Say only: yes", 12), json!({"min_tokens": 12})),
+            12,
+            "min_tokens 12, max_tokens 12",
+        ),
+    ];
+    for (url, body, n, what) in exact {
+        let v = ok_json(&client, url, &body).await;
+        if url == &chat {
+            check_chat(&v);
+        } else {
+            check_completion(&v);
+        }
+        assert_length(&v, n, what);
+    }
 
     let v = ok_json(
         &client,
@@ -264,9 +263,7 @@ async fn ignore_eos_and_min_tokens_give_exact_lengths() {
 /// `ignore_eos` clears stop strings as well as EOS: benchmarks depend on exact lengths.
 #[tokio::test]
 async fn ignore_eos_also_clears_stop_strings() {
-    let a = main_server();
-    let client = client();
-    let chat = a.url("/v1/chat/completions");
+    let Api { client, chat, .. } = api(main_server());
     let body = with(
         chat_body("Say only: yes", 20),
         json!({"ignore_eos": true, "stop": ["Yes", "yes", "."]}),

@@ -17,9 +17,9 @@ use serde_json::json;
 
 #[tokio::test]
 async fn sixty_four_concurrent_streams() {
-    let a = main_server();
-    let client = client();
-    let url = a.url("/v1/chat/completions");
+    let Api {
+        client, chat: url, ..
+    } = api(main_server());
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let client = client.clone();
@@ -50,9 +50,12 @@ async fn sixty_four_concurrent_streams() {
 #[tokio::test]
 async fn aborted_streams_free_their_kv_blocks() {
     let _quiet = QUIET.lock().await;
-    let d = quiet_server();
-    let client = client();
-    let url = d.url("/v1/chat/completions");
+    let Api {
+        server: d,
+        client,
+        chat: url,
+        ..
+    } = api(quiet_server());
 
     for wave in 0..4 {
         let tasks: Vec<_> = (0..50)

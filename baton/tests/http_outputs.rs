@@ -14,8 +14,9 @@ use serde_json::json;
 
 #[tokio::test]
 async fn n_choices() {
-    let a = main_server();
-    let client = client();
+    let Api {
+        server: a, client, ..
+    } = api(main_server());
     let cmpl = a.url("/v1/completions");
 
     let body = json!({"model": MODEL, "prompt": "My favourite animal is", "max_tokens": 8,
@@ -65,8 +66,9 @@ async fn n_choices() {
 
 #[tokio::test]
 async fn logprobs_shapes() {
-    let a = main_server();
-    let client = client();
+    let Api {
+        server: a, client, ..
+    } = api(main_server());
 
     let body = with(
         chat_body("List three planets.", 10),
@@ -185,8 +187,9 @@ async fn logprobs_shapes() {
 #[tokio::test]
 async fn repeated_prompt_hits_the_prefix_cache() {
     let _quiet = QUIET.lock().await;
-    let d = quiet_server();
-    let client = client();
+    let Api {
+        server: d, client, ..
+    } = api(quiet_server());
     let url = d.url("/v1/completions");
     let mut prompt = format!("Record {} follows. ", nonce());
     for i in 0..40 {

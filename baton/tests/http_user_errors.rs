@@ -14,10 +14,12 @@ use serde_json::{json, Value};
 /// serves afterwards.
 #[tokio::test]
 async fn user_errors_never_give_5xx() {
-    let a = main_server();
-    let client = client();
-    let chat = a.url("/v1/chat/completions");
-    let cmpl = a.url("/v1/completions");
+    let Api {
+        server: a,
+        client,
+        chat,
+        cmpl,
+    } = api(main_server());
     let c = |extra: Value| with(chat_body("hi", 2), extra);
     let p = |extra: Value| with(completion_body(json!("hi"), 2), extra);
     let cases: Vec<(&String, Value, u16, Option<&str>)> = vec![

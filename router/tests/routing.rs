@@ -290,18 +290,26 @@ async fn a_worker_dying_before_the_first_token_is_replaced_under_a_fresh_id() {
     );
 }
 
-#[tokio::test]
-async fn failures_that_cannot_be_retried_are_reported() {
-    // After a token the client has seen output: no retry.
-    let s = setup(vec!["late", "good"], 1, false).await;
-    let late = worker(&s.planes, "late", Script::DieAfterToken).await;
+/// A worker "first" that the policy prefers, running `script`, beside a good one; one request
+/// routed and drained.
+async fn against(
+    script: Script,
+    retries: u32,
+) -> (Setup, Worker, Worker, Result<Vec<u32>, RouterError>) {
+    let s = setup(vec!["first", "good"], retries, false).await;
+    let first = worker(&s.planes, "first", script).await;
     let good = worker(&s.planes, "good", Script::Serve).await;
     settle().await;
     let mut stream = s.router.generate(request("a")).await.unwrap();
-    assert!(matches!(
-        drain(&mut stream).await,
-        Err(RouterError::Lost(_))
-    ));
+    let result = drain(&mut stream).await;
+    (s, first, good, result)
+}
+
+#[tokio::test]
+async fn failures_that_cannot_be_retried_are_reported() {
+    // After a token the client has seen output: no retry.
+    let (s, late, good, result) = against(Script::DieAfterToken, 1).await;
+    assert!(matches!(result, Err(RouterError::Lost(_))), "{result:?}");
     assert_eq!(late.seen().len(), 1);
     assert!(good.seen().is_empty(), "not moved after a token");
     assert_eq!(
@@ -310,12 +318,8 @@ async fn failures_that_cannot_be_retried_are_reported() {
     );
 
     // An engine error would fail anywhere: no retry, and its message comes through.
-    let s = setup(vec!["broken", "good"], 1, false).await;
-    let broken = worker(&s.planes, "broken", Script::EngineError).await;
-    let good = worker(&s.planes, "good", Script::Serve).await;
-    settle().await;
-    let mut stream = s.router.generate(request("b")).await.unwrap();
-    match drain(&mut stream).await {
+    let (_s, broken, good, result) = against(Script::EngineError, 1).await;
+    match result {
         Err(RouterError::Worker(m)) => assert!(m.contains("simulated device failure"), "{m}"),
         other => panic!("expected the worker's error, got {other:?}"),
     }
@@ -323,15 +327,8 @@ async fn failures_that_cannot_be_retried_are_reported() {
     assert!(good.seen().is_empty());
 
     // With no retries left a lost worker is the caller's failure.
-    let s = setup(vec!["bad", "good"], 0, false).await;
-    let bad = worker(&s.planes, "bad", Script::DieBeforeToken).await;
-    let good = worker(&s.planes, "good", Script::Serve).await;
-    settle().await;
-    let mut stream = s.router.generate(request("c")).await.unwrap();
-    assert!(matches!(
-        drain(&mut stream).await,
-        Err(RouterError::Lost(_))
-    ));
+    let (_s, bad, good, result) = against(Script::DieBeforeToken, 0).await;
+    assert!(matches!(result, Err(RouterError::Lost(_))), "{result:?}");
     assert_eq!(bad.seen().len(), 1);
     assert!(good.seen().is_empty());
 }

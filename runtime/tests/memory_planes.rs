@@ -13,26 +13,12 @@ fn plane() -> MemoryRequestPlane {
 }
 
 #[tokio::test]
-async fn request_plane_frames_arrive_complete_and_in_order() {
+async fn the_request_plane_contract_holds_in_process() {
     let p = plane();
     contract::frames_arrive_complete_and_in_order(&p, &p, "w1").await;
-}
-
-#[tokio::test]
-async fn request_plane_dropping_the_stream_cancels_the_worker() {
-    let p = plane();
-    contract::dropping_the_stream_cancels_the_worker(&p, &p, "w1").await;
-}
-
-#[tokio::test]
-async fn request_plane_errors_are_remote_and_truncated() {
-    let p = plane();
-    contract::worker_errors_are_remote_and_a_dropped_sender_truncated(&p, &p, "w1").await;
-}
-
-#[tokio::test]
-async fn request_plane_unserved_address() {
-    contract::an_unserved_address_is_no_such_address(&plane(), "nobody").await;
+    contract::dropping_the_stream_cancels_the_worker(&p, &p, "w2").await;
+    contract::worker_errors_are_remote_and_a_dropped_sender_truncated(&p, &p, "w3").await;
+    contract::an_unserved_address_is_no_such_address(&p, "nobody").await;
 }
 
 #[tokio::test]

@@ -1,74 +1,42 @@
-//! Local etcd server for tests and benchmarks: a single-member cluster on free loopback client
-//! and peer ports, its data and log in a private temp folder. `restart()` brings it back on the
-//! same ports with the same data, so registered leases and keys survive as they would in a real
-//! etcd outage — the distributed-runtime tests use it to check that discovery reconnects.
+//! Local etcd for tests: a single-member cluster on free loopback ports (client and peer), its
+//! data and log in a private temp folder. `restart()` brings it back on the same ports with the
+//! same data, so discovery tests can check that leases, registrations and watches recover.
 
 use std::io;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{free_port, venv_binary, LocalProcess};
+use super::{free_port, on_free_port, venv_binary, LocalProcess, LocalServer};
 
 /// How long a fresh (or restarted) etcd gets to open its client port.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A running `etcd` child process. Dropping it kills the process and removes its folder.
-pub struct EtcdServer {
-    /// Client port on 127.0.0.1.
-    pub port: u16,
-    /// Client URL to hand to `EtcdDiscovery::connect` (`http://127.0.0.1:{port}`).
-    pub url: String,
-    peer_port: u16,
-    /// Holds `data/` and `etcd.log`.
-    process: LocalProcess,
-}
+/// Marks a [`LocalServer`] as Etcd.
+pub enum Etcd {}
 
-impl EtcdServer {
+pub type EtcdServer = LocalServer<Etcd>;
+
+impl LocalServer<Etcd> {
     /// Starts etcd on free ports and waits until its client port accepts connections.
     pub fn start() -> io::Result<Self> {
+        on_free_port(Self::start_once)
+    }
+
+    fn start_once() -> io::Result<Self> {
         let port = free_port();
-        let mut server = Self {
-            port,
-            url: format!("http://127.0.0.1:{port}"),
-            peer_port: free_port(),
-            process: LocalProcess::new("etcd")?,
-        };
-        // On failure `server` is dropped here, which removes the folder.
-        server.spawn()?;
-        Ok(server)
-    }
-
-    /// Kills etcd (SIGKILL: the harshest outage; etcd recovers from its WAL on restart).
-    pub fn stop(&mut self) {
-        self.process.stop();
-    }
-
-    /// Stops etcd if running and starts it again on the same ports with the same data.
-    pub fn restart(&mut self) -> io::Result<()> {
-        self.stop();
-        self.spawn()
-    }
-
-    /// The server's log file (appended to across restarts).
-    pub fn log_path(&self) -> PathBuf {
-        self.process.log_path()
-    }
-
-    fn spawn(&mut self) -> io::Result<()> {
-        let binary = venv_binary("etcd")?;
-        let client = format!("http://127.0.0.1:{}", self.port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("http://127.0.0.1:{port}");
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let mut process = LocalProcess::new("etcd", port, START_TIMEOUT)?;
         // Every URL is explicit: etcd's defaults listen on localhost:2379/2380, which would
         // collide between parallel tests, and advertise a name that may not resolve.
-        let args = [
+        let args = vec![
             "--name".into(),
             "baton-test".into(),
             "--data-dir".into(),
-            self.process.dir.join("data").into(),
+            process.dir.join("data").into(),
             "--listen-client-urls".into(),
             client.clone().into(),
             "--advertise-client-urls".into(),
-            client.into(),
+            client.clone().into(),
             "--listen-peer-urls".into(),
             peer.clone().into(),
             "--initial-advertise-peer-urls".into(),
@@ -76,6 +44,13 @@ impl EtcdServer {
             "--initial-cluster".into(),
             format!("baton-test={peer}").into(),
         ];
-        self.process.start(&binary, &args, self.port, START_TIMEOUT)
+        // On failure `process` is dropped here, which removes the folder.
+        process.launch(venv_binary("etcd")?, args)?;
+        Ok(Self {
+            port,
+            url: client,
+            process,
+            kind: std::marker::PhantomData,
+        })
     }
 }

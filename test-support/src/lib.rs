@@ -10,6 +10,42 @@ pub mod nats;
 pub use etcd::EtcdServer;
 pub use nats::NatsServer;
 
+/// Runs `start` with fresh ports until one is not taken by a server started at the same moment.
+fn on_free_port<T>(mut start: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match start() {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 5 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// A local server of kind `K` (see [`NatsServer`], [`EtcdServer`]); `stop`, `restart` and
+/// `log_path` come from its [`LocalProcess`]. Dropping it kills the process and removes its
+/// folder.
+pub struct LocalServer<K> {
+    /// Client port on 127.0.0.1.
+    pub port: u16,
+    /// The URL clients connect to.
+    pub url: String,
+    process: LocalProcess,
+    kind: std::marker::PhantomData<K>,
+}
+
+impl<K> std::ops::Deref for LocalServer<K> {
+    type Target = LocalProcess;
+    fn deref(&self) -> &LocalProcess {
+        &self.process
+    }
+}
+
+impl<K> std::ops::DerefMut for LocalServer<K> {
+    fn deref_mut(&mut self) -> &mut LocalProcess {
+        &mut self.process
+    }
+}
+
 use std::path::PathBuf;
 
 /// `.venv/bin/<name>` of this checkout, installing the infra packages when missing.
@@ -58,15 +94,20 @@ pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
 }
 
 /// A server child process with a private temp folder (its data and `{name}.log`), shared by
-/// the NATS and etcd wrappers. Dropping it kills the process and removes the folder.
-struct LocalProcess {
+/// the NATS and etcd wrappers (which deref to it for `stop`, `restart` and `log_path`). Dropping
+/// it kills the process and removes the folder.
+pub struct LocalProcess {
     name: &'static str,
     dir: PathBuf,
     child: Option<std::process::Child>,
+    /// The binary and its arguments, kept for restarts.
+    command: Option<(PathBuf, Vec<std::ffi::OsString>)>,
+    port: u16,
+    timeout: std::time::Duration,
 }
 
 impl LocalProcess {
-    fn new(name: &'static str) -> std::io::Result<Self> {
+    fn new(name: &'static str, port: u16, timeout: std::time::Duration) -> std::io::Result<Self> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         loop {
@@ -78,6 +119,9 @@ impl LocalProcess {
                         name,
                         dir,
                         child: None,
+                        command: None,
+                        port,
+                        timeout,
                     })
                 }
                 // Left over from an earlier process with the same pid: pick the next name.
@@ -88,41 +132,55 @@ impl LocalProcess {
     }
 
     /// The log file (appended to across restarts).
-    fn log_path(&self) -> PathBuf {
+    pub fn log_path(&self) -> PathBuf {
         self.dir.join(format!("{}.log", self.name))
     }
 
-    /// Runs `binary args` with output to the log, and waits until it opens `port`.
-    fn start(
-        &mut self,
-        binary: &std::path::Path,
-        args: &[std::ffi::OsString],
-        port: u16,
-        timeout: std::time::Duration,
-    ) -> std::io::Result<()> {
+    /// Runs `binary args` and waits until it opens its port; restarts run the same command.
+    fn launch(&mut self, binary: PathBuf, args: Vec<std::ffi::OsString>) -> std::io::Result<()> {
+        self.command = Some((binary, args));
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
         use std::io;
+        let (binary, args) = self.command.clone().expect("launched before");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut child = std::process::Command::new(binary)
-            .args(args)
+        let mut child = std::process::Command::new(&binary)
+            .args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", binary.display())))?;
-        if !wait_for_port(port, timeout) {
+        if !wait_for_port(self.port, self.timeout) {
             let exited = child.try_wait().ok().flatten();
             let _ = child.kill();
             let _ = child.wait();
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
-                    "{} did not open port {port} within {timeout:?} (exit: {exited:?}); log {}:\n{}",
+                    "{} did not open port {} within {:?} (exit: {exited:?}); log {}:\n{}",
                     self.name,
+                    self.port,
+                    self.timeout,
                     self.log_path().display(),
                     log_tail(&self.log_path(), 20)
+                ),
+            ));
+        }
+        // Another test's server may have taken the port between `free_port` and our bind: then
+        // the port answers but our child exits. Say so, and let the caller pick a new port.
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "{} exited ({status}) after port {} opened: taken by another process",
+                    self.name, self.port
                 ),
             ));
         }
@@ -130,12 +188,18 @@ impl LocalProcess {
         Ok(())
     }
 
-    /// SIGKILL: clients see the connection drop, as in a crash.
-    fn stop(&mut self) {
+    /// SIGKILL: clients see the connection drop, as in a crash (etcd recovers from its WAL).
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops the server if running and starts it again on the same port with the same data.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.stop();
+        self.spawn()
     }
 }
 

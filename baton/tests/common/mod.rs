@@ -226,6 +226,41 @@ pub static QUIET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Serializes the tests of the limited server (B): it admits one request at a time.
 pub static LIMITED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A server with a client and its two generation URLs: what most tests start from.
+pub struct Api {
+    pub server: &'static Server,
+    pub client: reqwest::Client,
+    pub chat: String,
+    pub cmpl: String,
+}
+
+pub fn api(server: &'static Server) -> Api {
+    Api {
+        server,
+        client: client(),
+        chat: server.url("/v1/chat/completions"),
+        cmpl: server.url("/v1/completions"),
+    }
+}
+
+/// The limited server (held for the caller's whole test: its limits are shared state), a
+/// client and its chat URL.
+pub async fn limited() -> (
+    tokio::sync::MutexGuard<'static, ()>,
+    &'static Server,
+    reqwest::Client,
+    String,
+) {
+    let held = LIMITED.lock().await;
+    let Api {
+        server,
+        client,
+        chat,
+        ..
+    } = api(limited_server());
+    (held, server, client, chat)
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))

@@ -51,23 +51,24 @@ pub fn smollm2_path() -> Result<PathBuf> {
     ))
 }
 
-/// Loads a model from a resolved path: a file is read as GGUF, a folder as Hugging Face.
-pub fn load(model: &str) -> Result<LoadedModel> {
+/// Resolves `model` and reads it with the reader of its format: a folder as Hugging Face, a
+/// file as GGUF.
+fn read<T>(model: &str, hf: fn(&Path) -> Result<T>, gguf: fn(&Path) -> Result<T>) -> Result<T> {
     let path = resolve(model)?;
     if path.is_dir() {
-        hf::load(&path)
+        hf(&path)
     } else {
-        gguf::load(&path)
+        gguf(&path)
     }
+}
+
+/// Loads a model's card and weights.
+pub fn load(model: &str) -> Result<LoadedModel> {
+    read(model, hf::load, gguf::load)
 }
 
 /// Reads only the card (config, tokenizer, chat template, limits) of a model, leaving its
 /// tensors on disk: what a frontend needs.
 pub fn load_card(model: &str) -> Result<ModelCard> {
-    let path = resolve(model)?;
-    if path.is_dir() {
-        hf::load_card(&path)
-    } else {
-        gguf::load_card(&path)
-    }
+    read(model, hf::load_card, gguf::load_card)
 }
