@@ -1,5 +1,6 @@
 //! `baton serve`: the whole graph in one process — frontend, processor and router, and
-//! `--workers` engine workers — joined by the in-process discovery and request plane. With
+//! `--workers` engine workers over one copy of the weights — on in-process planes, started by
+//! the same component functions `baton run` uses (`components`). With
 //! `-f CONFIG` the seed's YAML shape supplies what flags do not; when it (or the flags, or
 //! `NATS_SERVER` + `ETCD_ENDPOINTS`) names NATS and etcd, each component runs as its own
 //! process instead (`graph`).
