@@ -11,6 +11,8 @@ pub struct KvCache {
     layers: Vec<Tensor>,
     block_size: usize,
     num_blocks: usize,
+    /// [`KvCache::bytes_per_block`] of this cache.
+    block_bytes: usize,
 }
 
 impl KvCache {
@@ -35,6 +37,7 @@ impl KvCache {
             layers,
             block_size,
             num_blocks,
+            block_bytes: Self::bytes_per_block(config, block_size, kind),
         }
     }
 
@@ -61,10 +64,7 @@ impl KvCache {
 
     /// Bytes of one block over every layer.
     pub fn block_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| l.get(0).numel() * l.kind().elt_size_in_bytes())
-            .sum()
+        self.block_bytes
     }
 
     fn check_block(&self, block: u32) -> Result<i64> {

@@ -8,6 +8,12 @@ pub enum RouterError {
     NoInstances(String),
     #[error(transparent)]
     NoCapacity(#[from] crate::policy::NoCapacity),
+    /// A policy bug, not the client's: it named an instance it was not offered.
+    #[error("routing policy `{policy}` chose instance {instance_id:x}, which is not a candidate")]
+    UnknownSelection {
+        policy: &'static str,
+        instance_id: u64,
+    },
     #[error("unknown routing policy `{0}` (use round-robin or random)")]
     UnknownPolicy(String),
     /// The worker reported an error for this request (its engine failed it).

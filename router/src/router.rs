@@ -194,23 +194,34 @@ impl Shared {
         avoid: &[u64],
     ) -> Result<Dispatch, RouterError> {
         let (selection, address) = {
-            let list = self.instances();
+            // Both locks are held only while the (synchronous) policy chooses, in the order
+            // the watcher and the load task take them; nothing is copied per request.
+            let list = self.instances.read().unwrap_or_else(|e| e.into_inner());
             if list.is_empty() {
                 return Err(RouterError::NoInstances(self.endpoint.prefix()));
             }
-            let fresh: Vec<Instance> = list
-                .iter()
-                .filter(|i| !avoid.contains(&i.instance_id))
-                .cloned()
-                .collect();
-            let candidates = if fresh.is_empty() { list } else { fresh };
+            let fresh: Vec<Instance>;
+            let candidates: &[Instance] = if avoid.is_empty() {
+                &list
+            } else {
+                fresh = list
+                    .iter()
+                    .filter(|i| !avoid.contains(&i.instance_id))
+                    .cloned()
+                    .collect();
+                if fresh.is_empty() {
+                    &list
+                } else {
+                    &fresh
+                }
+            };
             let hashes = block_hashes(&request.token_ids, self.options.block_size);
-            let loads = self.lock_loads().clone();
+            let loads = self.lock_loads();
             let ctx = RouteContext {
                 request_id: &request.request_id,
                 token_ids: &request.token_ids,
                 block_hashes: &hashes,
-                instances: &candidates,
+                instances: candidates,
                 loads: &loads,
             };
             let selection = self.policy.select(&ctx)?;
@@ -218,12 +229,10 @@ impl Shared {
                 .iter()
                 .find(|i| i.instance_id == selection.instance_id)
             else {
-                // A policy bug, not the client's: say which instance it invented.
-                return Err(RouterError::Lost(format!(
-                    "routing policy `{}` chose instance {:x}, which is not a candidate",
-                    self.policy.name(),
-                    selection.instance_id
-                )));
+                return Err(RouterError::UnknownSelection {
+                    policy: self.policy.name(),
+                    instance_id: selection.instance_id,
+                });
             };
             self.policy
                 .on_dispatch(&request.request_id, &selection, &ctx);

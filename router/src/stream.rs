@@ -16,6 +16,8 @@ use crate::router::{Dispatch, Shared};
 pub struct RoutedStream {
     shared: Arc<Shared>,
     request: GenerateRequest,
+    /// The id the caller gave; attempt `n` runs as `{base_id}-r{n}`.
+    base_id: String,
     dispatch: Option<Dispatch>,
     /// Instances that failed this request.
     failed: Vec<u64>,
@@ -41,6 +43,7 @@ impl RoutedStream {
         let mut stream = Self {
             retries_left: shared.options.retries,
             shared,
+            base_id: request.request_id.clone(),
             request,
             dispatch: None,
             failed: Vec::new(),
@@ -167,11 +170,7 @@ impl RoutedStream {
         self.failed.extend(failed);
         self.retries_left -= 1;
         self.attempt += 1;
-        let base = match self.request.request_id.rsplit_once("-r") {
-            Some((base, n)) if self.attempt > 1 && n.parse::<u32>().is_ok() => base.to_string(),
-            _ => self.request.request_id.clone(),
-        };
-        self.request.request_id = format!("{base}-r{}", self.attempt);
+        self.request.request_id = format!("{}-r{}", self.base_id, self.attempt);
     }
 }
 
