@@ -87,6 +87,8 @@ pub async fn decode_worker(
 
 /// Loads and places the weights once, for every worker of this process.
 pub async fn load_model(settings: &Resolved) -> Result<SharedModel> {
+    // A bad engine option fails before the weights are read, not after.
+    settings.engine.check()?;
     let model = settings.model.clone();
     let (kind, device) = (settings.engine.kind, settings.engine.device);
     let spinner = indicatif::ProgressBar::new_spinner();

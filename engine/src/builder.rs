@@ -86,7 +86,8 @@ pub fn parse_kind(name: &str) -> Option<Kind> {
 }
 
 impl EngineOptions {
-    fn check(&self) -> Result<()> {
+    /// Refuses options no engine can be built with, naming the option.
+    pub fn check(&self) -> Result<()> {
         let bad = |param, reason: &str| {
             Err(EngineError::InvalidParameter {
                 param,
