@@ -42,6 +42,39 @@ pub struct WorkerKvEvent {
     pub event: KvEvent,
 }
 
+/// One cached block of a worker's prefix cache, with the block before it in its chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedBlock {
+    /// Block hash of the parent block; `None` for a sequence's first block.
+    pub parent_hash: Option<u64>,
+    pub block: BlockHash,
+}
+
+/// A worker's whole prefix cache as of one event: what a router loads when it meets a worker
+/// or cannot fill an event-id gap from the worker's ring of recent events.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KvDump {
+    /// The id of the last event reflected in `blocks` (`None`: the worker emitted none yet), so
+    /// events after it apply on top and earlier ones are duplicates.
+    pub last_event_id: Option<u64>,
+    /// Every cached block, parents before children.
+    pub blocks: Vec<CachedBlock>,
+}
+
+/// What a router asks a worker for when its view of the worker's cache may be stale.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvStateQuery {
+    /// The first event id the router lacks; `None` asks for a dump straight away.
+    pub since: Option<u64>,
+}
+
+/// The worker's answer: the missing events when its ring still holds them all, else a dump.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum KvStateReply {
+    Events(Vec<KvEvent>),
+    Dump(KvDump),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
