@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use decode_worker::{worker_endpoint, DecodeWorker, EngineHost};
 use engine::{loader, EngineOptions, ModelCard, SharedModel};
 use frontend::{AppState, FrontendConfig};
-use router::{policy_from_name, Router, RouterOptions};
+use router::{policy_from_name, Router};
 use runtime::Planes;
 
 use crate::serve::{self, Resolved, ServeArgs};
@@ -37,11 +37,8 @@ pub async fn frontend(
     let router = Router::new(
         planes,
         worker_endpoint(&settings.namespace),
-        policy_from_name(&settings.policy)?,
-        RouterOptions {
-            block_size: settings.engine.block_size,
-            ..RouterOptions::default()
-        },
+        policy_from_name(&settings.policy, settings.kv_cost)?,
+        settings.router.clone(),
     )
     .await?;
     let model = Arc::new(serve::served_model(card, &settings.served_model_name)?);

@@ -30,7 +30,7 @@ pub enum ConfigError {
 pub struct GraphConfig {
     pub frontend: Option<FrontendSection>,
     pub processor: Option<ProcessorSection>,
-    pub router: Option<serde_yaml::Value>,
+    pub router: Option<RouterSection>,
     pub vllm_worker: Option<WorkerSection>,
     pub prefill_worker: Option<WorkerSection>,
     pub baton: Option<BatonSection>,
@@ -53,6 +53,28 @@ pub struct ProcessorSection {
     pub router: Option<String>,
     pub block_size: Option<usize>,
     pub max_model_len: Option<usize>,
+}
+
+/// The router's knobs (`Router:`); the seed writes `model-name` and `min-workers`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RouterSection {
+    /// The model the router serves; Baton routes for the served model, so it is read only.
+    pub model_name: Option<String>,
+    /// Requests wait (bounded by `min-workers-wait`) until this many workers registered.
+    pub min_workers: Option<usize>,
+    /// Seconds a request waits for `min-workers` before a 503.
+    pub min_workers_wait: Option<u64>,
+    /// Routing policy, as `Processor.router`.
+    pub router: Option<String>,
+    pub kv_overlap_credit: Option<f64>,
+    pub kv_prefill_load_scale: Option<f64>,
+    pub router_temperature: Option<f64>,
+    /// Learn the workers' caches from the router's own decisions instead of KV events.
+    pub no_kv_events: Option<bool>,
+    /// Seconds the approximate index remembers a decision.
+    pub kv_approx_ttl: Option<u64>,
+    pub migration_limit: Option<u32>,
 }
 
 /// A worker section; the disaggregation keys are read now and used by later components.
@@ -179,6 +201,22 @@ VllmWorker:
         assert_eq!(w.max_local_prefill_length, Some(10));
         assert_eq!(w.service_args.unwrap().workers, Some(1));
         assert_eq!(c.processor.unwrap().router.as_deref(), Some("round-robin"));
+    }
+
+    #[test]
+    fn router_section_is_typed() {
+        let (c, warnings) = GraphConfig::parse(
+            "Router:\n  model-name: m\n  min-workers: 2\n  kv-overlap-credit: 0.5\n  migration-limit: 1\n",
+            "x",
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let r = c.router.unwrap();
+        assert_eq!(r.min_workers, Some(2));
+        assert_eq!(r.kv_overlap_credit, Some(0.5));
+        assert_eq!(r.migration_limit, Some(1));
+        let e = GraphConfig::parse("Router:\n  min-workers: many\n", "x").unwrap_err();
+        assert!(e.to_string().contains("Router.min-workers"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use engine::{parse_device, parse_kind, EngineOptions, ModelCard};
 use processor::{ChatTemplate, ServedModel};
+use router::{KvCostConfig, KvMode, RouterOptions};
 use runtime::{PlaneSettings, Planes};
 
 use crate::components;
@@ -48,9 +49,40 @@ pub struct ServeArgs {
     /// serves the frontend alone (it answers 503 until a worker registers).
     #[arg(long, env = "BATON_WORKERS")]
     workers: Option<usize>,
-    /// Routing policy: round-robin or random [default: `Processor.router`, else round-robin].
+    /// Routing policy: round-robin, random, least-loaded, power-of-two or kv [default:
+    /// `Router.router`, else `Processor.router`, else round-robin].
     #[arg(long, env = "BATON_ROUTER")]
     router: Option<String>,
+    /// KV router: prefill blocks one cached block saves [default: `Router.kv-overlap-credit`,
+    /// else 1].
+    #[arg(long, env = "BATON_KV_OVERLAP_CREDIT")]
+    kv_overlap_credit: Option<f64>,
+    /// KV router: weight of the prefill term against the decode term [default:
+    /// `Router.kv-prefill-load-scale`, else 1].
+    #[arg(long, env = "BATON_KV_PREFILL_LOAD_SCALE")]
+    kv_prefill_load_scale: Option<f64>,
+    /// KV router: 0 always picks the cheapest worker; higher draws among near-cheapest ones
+    /// [default: `Router.router-temperature`, else 0].
+    #[arg(long, env = "BATON_ROUTER_TEMPERATURE")]
+    router_temperature: Option<f64>,
+    /// Learn the workers' caches from the router's own decisions (each kept
+    /// `--kv-approx-ttl` seconds) instead of their KV events, for engines that publish none.
+    #[arg(long, env = "BATON_NO_KV_EVENTS")]
+    no_kv_events: bool,
+    #[arg(long, env = "BATON_KV_APPROX_TTL")]
+    kv_approx_ttl: Option<u64>,
+    /// Times a stream whose worker dies mid-generation moves to another worker with the
+    /// tokens so far [default: `Router.migration-limit`, else 0: it ends with an error].
+    #[arg(long, env = "BATON_MIGRATION_LIMIT")]
+    migration_limit: Option<u32>,
+    /// Requests wait until this many workers registered [default: `Router.min-workers`,
+    /// else 0: with none, 503 at once].
+    #[arg(long, env = "BATON_MIN_WORKERS")]
+    min_workers: Option<usize>,
+    /// Seconds a request waits for `--min-workers` before a 503 [default:
+    /// `Router.min-workers-wait`, else 30].
+    #[arg(long, env = "BATON_MIN_WORKERS_WAIT")]
+    min_workers_wait: Option<u64>,
     /// Compute dtype: bf16 (fast on CPU) or f32.
     #[arg(long, env = "BATON_DTYPE")]
     dtype: Option<String>,
@@ -114,6 +146,8 @@ pub(crate) struct Resolved {
     pub port: u16,
     pub workers: usize,
     pub policy: String,
+    pub router: RouterOptions,
+    pub kv_cost: KvCostConfig,
     pub engine: EngineOptions,
     pub namespace: String,
     /// Set when both are known: the graph runs distributed.
@@ -151,6 +185,7 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
         tracing::warn!("`PrefillWorker`: not started (disaggregation is not built yet)");
     }
     let processor = config.processor.clone().unwrap_or_default();
+    let router_section = config.router.clone().unwrap_or_default();
     let frontend = config.frontend.clone().unwrap_or_default();
     let model = args
         .model
@@ -202,7 +237,56 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             .workers
             .or(worker.service_args.and_then(|s| s.workers))
             .unwrap_or(1),
-        policy: policy_name(args.router.clone().or(processor.router)),
+        policy: args
+            .router
+            .clone()
+            .or(router_section.router.clone())
+            .or(processor.router)
+            .unwrap_or_else(|| "round-robin".to_string()),
+        router: RouterOptions {
+            block_size: engine.block_size,
+            migration_limit: args
+                .migration_limit
+                .or(router_section.migration_limit)
+                .unwrap_or(0),
+            min_workers: args.min_workers.or(router_section.min_workers).unwrap_or(0),
+            min_workers_wait: Duration::from_secs(
+                args.min_workers_wait
+                    .or(router_section.min_workers_wait)
+                    .unwrap_or(30),
+            ),
+            kv_mode: if args.no_kv_events || router_section.no_kv_events == Some(true) {
+                KvMode::Approximate {
+                    ttl: Duration::from_secs(
+                        args.kv_approx_ttl
+                            .or(router_section.kv_approx_ttl)
+                            .unwrap_or(120),
+                    ),
+                }
+            } else {
+                KvMode::Events
+            },
+            ..RouterOptions::default()
+        },
+        kv_cost: {
+            let d = KvCostConfig::default();
+            let kv = KvCostConfig {
+                prefill_load_scale: args
+                    .kv_prefill_load_scale
+                    .or(router_section.kv_prefill_load_scale)
+                    .unwrap_or(d.prefill_load_scale),
+                overlap_credit: args
+                    .kv_overlap_credit
+                    .or(router_section.kv_overlap_credit)
+                    .unwrap_or(d.overlap_credit),
+                temperature: args
+                    .router_temperature
+                    .or(router_section.router_temperature)
+                    .unwrap_or(d.temperature),
+            };
+            kv.check()?;
+            kv
+        },
         engine,
         namespace: args
             .namespace
@@ -216,20 +300,6 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             args.stream_timeout.or(baton.stream_timeout).unwrap_or(600),
         ),
     })
-}
-
-/// The routing policy; the seed's `kv` runs round-robin until the KV router exists (warned).
-fn policy_name(asked: Option<String>) -> String {
-    match asked.as_deref() {
-        None => "round-robin".to_string(),
-        Some("kv") => {
-            tracing::warn!(
-                "router `kv`: the KV-aware router is not built yet; routing round-robin"
-            );
-            "round-robin".to_string()
-        }
-        Some(other) => other.to_string(),
-    }
 }
 
 /// Reads `-f CONFIG` (warning about unknown keys) and merges it with the flags.

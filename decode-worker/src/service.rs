@@ -4,20 +4,22 @@
 //! tagged with its instance id. Each request gets its own task that forwards engine events as
 //! frames; a cancelled stream aborts the request in the engine.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runtime::discovery::{EndpointId, InstanceSpec, Registration};
 use runtime::event_plane::EventPlane;
-use runtime::kv_event::{KvEvent, WorkerKvEvent};
+use runtime::kv_event::{KvEvent, KvStateQuery, WorkerKvEvent, KV_STATE_KEY};
 use runtime::protocol::{GenerateRequest, GenerateResponse, WorkerLoad};
 use runtime::request_plane::IncomingRequest;
 use runtime::Planes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine_host::{EngineEvent, EngineHost};
 use crate::error::WorkerError;
+use crate::kv_state::{KvState, KV_RING_EVENTS};
 
 /// Where decode workers of `namespace` register (DESIGN.md §2).
 pub fn worker_endpoint(namespace: &str) -> EndpointId {
@@ -32,6 +34,8 @@ pub const LOAD_MIN_GAP: Duration = Duration::from_millis(50);
 /// A running decode worker: registered, serving, publishing, and withdrawn when stopped.
 pub struct DecodeWorker {
     host: Arc<EngineHost>,
+    /// Fires when the worker is abandoned: open responses are dropped without a word.
+    abandoned: CancellationToken,
     registration: Registration,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -56,14 +60,26 @@ impl DecodeWorker {
         );
         let incoming = plane.serve(&address).await?;
         let host = Arc::new(host);
-        let server = tokio::spawn(serve(host.clone(), incoming));
+        let abandoned = CancellationToken::new();
+        let server = tokio::spawn(serve(host.clone(), incoming, abandoned.clone()));
+        let kv_events = host.take_kv_events();
+        let kv_state = Arc::new(Mutex::new(KvState::new(KV_RING_EVENTS)));
+        // Routers that missed events ask here for them, or for a dump of the cache.
+        let kv_address = format!("{address}.kv");
+        let mut metadata = serde_json::Map::new();
+        let mut kv_server = None;
+        if kv_events.is_some() {
+            let queries = plane.serve(&kv_address).await?;
+            kv_server = Some(tokio::spawn(serve_kv_state(kv_state.clone(), queries)));
+            metadata.insert(KV_STATE_KEY.into(), kv_address.into());
+        }
         let registration = planes
             .discovery
             .register(InstanceSpec {
                 endpoint,
                 address,
                 model: Some(model.to_string()),
-                metadata: serde_json::Value::Null,
+                metadata: metadata.into(),
             })
             .await?;
         let id = registration.instance.instance_id;
@@ -76,9 +92,11 @@ impl DecodeWorker {
                 id,
             )),
         ];
-        if let Some(events) = host.take_kv_events() {
+        tasks.extend(kv_server);
+        if let Some(events) = kv_events {
             tasks.push(tokio::spawn(publish_kv_events(
                 events,
+                kv_state,
                 planes.events.clone(),
                 planes.kv_events_subject(),
                 id,
@@ -86,6 +104,7 @@ impl DecodeWorker {
         }
         Ok(Self {
             host,
+            abandoned,
             registration,
             tasks,
         })
@@ -97,6 +116,13 @@ impl DecodeWorker {
 
     pub fn host(&self) -> &Arc<EngineHost> {
         &self.host
+    }
+
+    /// Goes silent as a killed process would: withdrawn from discovery, every open response
+    /// dropped without a final frame, the engine stopped. For fault tests of what calls it.
+    pub fn abandon(self) {
+        self.abandoned.cancel();
+        self.stop();
     }
 
     /// Withdraws the instance (no new requests are routed here), then fails what still runs.
@@ -134,11 +160,16 @@ async fn publish_load(
 
 async fn publish_kv_events(
     mut kv: mpsc::UnboundedReceiver<KvEvent>,
+    state: Arc<Mutex<KvState>>,
     events: Arc<dyn EventPlane>,
     subject: String,
     worker_id: u64,
 ) {
     while let Some(event) = kv.recv().await {
+        state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(&event);
         let bytes = serde_json::to_vec(&WorkerKvEvent { worker_id, event })
             .expect("protocol types serialize");
         if let Err(e) = events.publish(&subject, bytes).await {
@@ -148,9 +179,47 @@ async fn publish_kv_events(
     }
 }
 
-async fn serve(host: Arc<EngineHost>, mut incoming: mpsc::Receiver<IncomingRequest>) {
+/// Answers routers' [`KvStateQuery`]s with one frame: the missed events, or a dump.
+async fn serve_kv_state(state: Arc<Mutex<KvState>>, mut queries: mpsc::Receiver<IncomingRequest>) {
+    while let Some(IncomingRequest {
+        payload,
+        mut response,
+    }) = queries.recv().await
+    {
+        let query: KvStateQuery = match serde_json::from_slice(&payload) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = response
+                    .error(format!("malformed KV state query: {e}"))
+                    .await;
+                continue;
+            }
+        };
+        let reply = state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .answer(&query);
+        let bytes = serde_json::to_vec(&reply).expect("protocol types serialize");
+        if response.data(bytes).await.is_ok() {
+            let _ = response.end().await;
+        }
+    }
+}
+
+async fn serve(
+    host: Arc<EngineHost>,
+    mut incoming: mpsc::Receiver<IncomingRequest>,
+    abandoned: CancellationToken,
+) {
     while let Some(request) = incoming.recv().await {
-        tokio::spawn(handle(host.clone(), request));
+        let (host, abandoned) = (host.clone(), abandoned.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = abandoned.cancelled() => {}
+                _ = handle(host, request) => {}
+            }
+        });
     }
 }
 

@@ -2,97 +2,19 @@
 //! is always the chunk's last token + 1, so outputs are known exactly, and each step sleeps a
 //! little so a cancellation lands mid-generation.
 
+mod common;
+
 use std::time::Duration;
 
-use decode_worker::{worker_endpoint, DecodeWorker, EngineEvent, EngineHost};
-use engine::model::ForwardBatch;
-use engine::{Engine, EngineConfig, Executor};
+use common::{
+    host, host_with_events, planes, request, tokens_of, wait_for_free_blocks, BLOCKS, BLOCK_SIZE,
+};
+use decode_worker::{worker_endpoint, DecodeWorker, EngineEvent};
 use router::{RoundRobin, Router, RouterOptions};
 use runtime::kv_event::{KvEventData, WorkerKvEvent};
-use runtime::protocol::{
-    FinishReason, GenerateRequest, GenerateResponse, SamplingParams, WorkerLoad,
-};
-use runtime::{PlaneSettings, Planes};
-use tch::Tensor;
+use runtime::protocol::{FinishReason, WorkerLoad};
+use runtime::Planes;
 use tokio::sync::mpsc;
-
-const VOCAB: usize = 64;
-const BLOCKS: usize = 16;
-const BLOCK_SIZE: usize = 4;
-
-struct NextToken;
-
-impl Executor for NextToken {
-    fn execute(&mut self, batch: &ForwardBatch<'_>) -> engine::Result<Tensor> {
-        std::thread::sleep(Duration::from_millis(3));
-        let rows: Vec<Tensor> = batch
-            .chunks
-            .iter()
-            .filter(|c| c.sample)
-            .map(|c| {
-                let next = (*c.tokens.last().unwrap() as i64 + 1) % VOCAB as i64;
-                Tensor::zeros([VOCAB as i64], (tch::Kind::Float, tch::Device::Cpu)).index_fill(
-                    0,
-                    &Tensor::from_slice(&[next]),
-                    10.0,
-                )
-            })
-            .collect();
-        Ok(Tensor::stack(&rows, 0))
-    }
-    fn num_blocks(&self) -> usize {
-        BLOCKS
-    }
-    fn block_size(&self) -> usize {
-        BLOCK_SIZE
-    }
-    fn vocab_size(&self) -> usize {
-        VOCAB
-    }
-}
-
-fn host() -> EngineHost {
-    host_with_events(false)
-}
-
-/// With `kv_events`, the block manager's events go to the host (as `baton serve` wires it).
-fn host_with_events(kv_events: bool) -> EngineHost {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let engine = Engine::new(
-        Box::new(NextToken),
-        EngineConfig {
-            max_num_seqs: 8,
-            max_num_batched_tokens: 64,
-            enable_prefix_caching: true,
-            eos_token_ids: vec![0],
-            max_context: 48,
-        },
-        kv_events.then_some(tx),
-    );
-    EngineHost::start(engine, kv_events.then_some(rx), "engine-test").unwrap()
-}
-
-fn request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        request_id: id.into(),
-        token_ids: prompt,
-        sampling: SamplingParams {
-            ignore_eos: true,
-            ..SamplingParams::greedy(max_tokens)
-        },
-    }
-}
-
-async fn wait_for_free_blocks(host: &EngineHost) {
-    for _ in 0..500 {
-        let load = host.load();
-        if load.kv_blocks_used == 0 && load.running == 0 && load.waiting == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("blocks still in use: {:?}", host.load());
-}
 
 #[tokio::test]
 async fn a_request_streams_its_tokens_then_frees_its_blocks() {
@@ -152,13 +74,6 @@ async fn requests_the_engine_refuses_are_rejected_naming_the_field() {
     ));
 }
 
-fn planes() -> Planes {
-    Planes::in_process(PlaneSettings {
-        stream_timeout: Duration::from_secs(5),
-        ..PlaneSettings::new("test", "m")
-    })
-}
-
 async fn router(planes: &Planes) -> Router {
     Router::new(
         planes,
@@ -171,18 +86,6 @@ async fn router(planes: &Planes) -> Router {
     )
     .await
     .unwrap()
-}
-
-/// Every token of a routed request, which must finish.
-async fn tokens_of(stream: &mut router::RoutedStream) -> Vec<u32> {
-    let mut tokens = Vec::new();
-    while let Some(item) = stream.next().await {
-        match item.unwrap() {
-            GenerateResponse::Tokens(d) => tokens.extend(d.token_ids),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    tokens
 }
 
 #[tokio::test]

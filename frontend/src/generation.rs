@@ -67,6 +67,7 @@ pub fn start(
                 request_id: format!("{request_id}-{}", plan.index),
                 token_ids: plan.prompt.to_vec(),
                 sampling: plan.sampling,
+                router_overlap_blocks: 0,
             }),
             router: state.router.clone(),
             stream: None,
@@ -154,6 +155,7 @@ fn routing_error(e: RouterError) -> ApiError {
         RouterError::NoInstances(_) => {
             ApiError::unavailable("no worker is available to serve the model")
         }
+        e @ RouterError::TooFewWorkers { .. } => ApiError::unavailable(e.to_string()),
         RouterError::NoCapacity(_) => {
             ApiError::unavailable("every worker is at capacity; retry later")
         }

@@ -80,12 +80,13 @@ impl Drop for InflightGuard {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(|_| {})
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// The frontend's metrics plus whatever `extra` registers (the router's).
+    pub fn new(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut m = Self {
             requests: Family::default(),
             inflight: Gauge::default(),
@@ -169,6 +170,7 @@ impl Metrics {
             "Workers reporting their load",
             m.workers.clone(),
         );
+        extra(registry);
         m
     }
 
@@ -266,7 +268,7 @@ mod tests {
 
     #[test]
     fn requests_and_tokens_are_counted() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         m.request_done("m", "chat", 200);
         m.request_done("m", "chat", 200);
         m.request_done("m", "completions", 400);
@@ -289,7 +291,7 @@ mod tests {
 
     #[test]
     fn inflight_goes_back_to_zero() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         let a = m.inflight();
         let b = m.inflight();
         assert_line(&m.render(), "baton_inflight_requests 2");
@@ -301,7 +303,7 @@ mod tests {
 
     #[test]
     fn latency_histograms() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         m.observe_ttft("m", 0.05);
         m.observe_ttft("m", 0.15);
         m.observe_itl("m", 0.01);
@@ -341,7 +343,7 @@ mod tests {
 
     #[test]
     fn engine_gauges_sum_over_workers() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         let text = m.render();
         assert_line(&text, "baton_prefix_cache_hit_rate 0.0");
         assert_line(&text, "baton_workers 0");

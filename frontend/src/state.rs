@@ -50,10 +50,11 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(model: Arc<ServedModel>, router: Arc<Router>, config: FrontendConfig) -> Self {
+        let metrics = Metrics::new(|registry| router.metrics().register(registry));
         Self {
             model,
             router,
-            metrics: Metrics::new(),
+            metrics,
             admission: Arc::new(Semaphore::new(config.max_inflight)),
             config,
             abort_streams: CancellationToken::new(),

@@ -14,8 +14,20 @@ pub enum RouterError {
         policy: &'static str,
         instance_id: u64,
     },
-    #[error("unknown routing policy `{0}` (use round-robin or random)")]
+    #[error("unknown routing policy `{0}` (use {names})", names = crate::policy::POLICY_NAMES)]
     UnknownPolicy(String),
+    #[error("`--{name}` {value} is invalid: {reason}")]
+    InvalidOption {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("only {have} of the {want} workers `Router.min-workers` asks for registered within {waited:?}")]
+    TooFewWorkers {
+        have: usize,
+        want: usize,
+        waited: std::time::Duration,
+    },
     /// The worker reported an error for this request (its engine failed it).
     #[error("generation failed: the worker sent an error: {0}")]
     Worker(String),

@@ -1,9 +1,11 @@
-//! A routed request's response: the worker's messages, decoded, with failover. When the worker
-//! fails before sending a token (it died, left discovery, or its address vanished), the client
-//! has seen nothing, so the request moves to another instance under a fresh id; once a token
-//! came back, or when the engine itself failed the request (it would fail anywhere), the
-//! failure is the caller's to report. The policy's hooks fire on each dispatch, on the first
-//! token and when the request leaves an instance, whichever way it leaves.
+//! A routed request's response: the worker's messages, decoded, with failover and migration.
+//! When the worker fails before sending a token (it died, left discovery, or its address
+//! vanished), the client has seen nothing, so the request moves to another instance under a
+//! fresh id. When it dies mid-stream, the request migrates (up to the migration limit): the
+//! prompt plus the tokens generated so far go to another worker with the output budget that
+//! is left, and its tokens continue the client's stream — for greedy sampling, the same text.
+//! An engine's own failure is not retried (it would fail anywhere). The load charge and the
+//! policy's hooks follow each dispatch, whichever way it ends.
 
 use std::sync::Arc;
 
@@ -18,12 +20,19 @@ pub struct RoutedStream {
     request: GenerateRequest,
     /// The id the caller gave; attempt `n` runs as `{base_id}-r{n}`.
     base_id: String,
+    /// The caller's prompt length and output budgets (a migrated attempt has a longer prompt).
+    prompt_len: usize,
+    max_tokens: usize,
+    min_tokens: usize,
+    /// Tokens already passed to the caller.
+    generated: Vec<u32>,
     dispatch: Option<Dispatch>,
     /// Instances that failed this request.
     failed: Vec<u64>,
-    /// Whether any token came back (then a failure cannot be retried).
+    /// Whether the current attempt sent a token.
     started: bool,
     retries_left: u32,
+    migrations_left: u32,
     attempt: u32,
     done: bool,
 }
@@ -42,8 +51,13 @@ impl RoutedStream {
     ) -> Result<Self, RouterError> {
         let mut stream = Self {
             retries_left: shared.options.retries,
+            migrations_left: shared.options.migration_limit,
             shared,
             base_id: request.request_id.clone(),
+            prompt_len: request.token_ids.len(),
+            max_tokens: request.sampling.max_tokens,
+            min_tokens: request.sampling.min_tokens,
+            generated: Vec::new(),
             request,
             dispatch: None,
             failed: Vec::new(),
@@ -65,6 +79,11 @@ impl RoutedStream {
         &self.request.request_id
     }
 
+    /// Times the request moved mid-stream so far.
+    pub fn migrations(&self) -> u32 {
+        self.shared.options.migration_limit - self.migrations_left
+    }
+
     /// Dispatches, retrying elsewhere when the chosen address has just vanished.
     async fn connect(&mut self) -> Result<(), RouterError> {
         loop {
@@ -77,6 +96,7 @@ impl RoutedStream {
                     if self.retries_left > 0 =>
                 {
                     tracing::warn!(request = %self.request.request_id, address = %a, "worker address vanished; routing elsewhere");
+                    self.retries_left -= 1;
                     self.next_attempt(None);
                 }
                 Err(e) => return Err(e),
@@ -123,9 +143,17 @@ impl RoutedStream {
                     // An engine error (`Remote`) would fail again elsewhere; a lost worker not.
                     let engine_error =
                         matches!(failure, Failure::Plane(RequestPlaneError::Remote(_)));
-                    if !self.started && !engine_error && self.retries_left > 0 {
+                    if !engine_error && !self.started && self.retries_left > 0 {
                         tracing::warn!(request = %self.request.request_id, "worker failed before the first token; retrying on another");
+                        self.retries_left -= 1;
                         self.next_attempt(instance);
+                        continue;
+                    }
+                    if !engine_error && !self.generated.is_empty() && self.migrations_left > 0 {
+                        tracing::warn!(request = %self.request.request_id, generated = self.generated.len(), "worker lost mid-stream; migrating the request");
+                        self.migrations_left -= 1;
+                        self.shared.metrics.migration();
+                        self.migrate(instance);
                         continue;
                     }
                     return Err(match failure {
@@ -141,23 +169,32 @@ impl RoutedStream {
                     });
                 }
             };
-            let message: GenerateResponse = serde_json::from_slice(&bytes)
+            let mut message: GenerateResponse = serde_json::from_slice(&bytes)
                 .map_err(|e| RouterError::Malformed(e.to_string()))?;
-            if let GenerateResponse::Tokens(delta) = &message {
-                if !self.started && !delta.token_ids.is_empty() {
-                    self.started = true;
-                    if let Some(id) = self.instance_id() {
-                        self.shared
-                            .policy
-                            .on_first_token(&self.request.request_id, id);
+            if let GenerateResponse::Tokens(delta) = &mut message {
+                if !delta.token_ids.is_empty() {
+                    if !self.started {
+                        self.started = true;
+                        if let Some(d) = self.dispatch.as_mut() {
+                            d.load.first_token();
+                            let id = d.selection.instance_id;
+                            self.shared
+                                .policy
+                                .on_first_token(&self.request.request_id, id);
+                        }
                     }
+                    self.generated.extend_from_slice(&delta.token_ids);
                 }
+                // The caller asked about its prompt, not the migrated one.
+                delta.prompt_tokens = self.prompt_len;
+                delta.cached_tokens = delta.cached_tokens.min(self.prompt_len);
             }
             return Ok(message);
         }
     }
 
-    /// Drops the current dispatch (cancelling it at the worker) and tells the policy.
+    /// Drops the current dispatch (cancelling it at the worker, releasing its load) and tells
+    /// the policy.
     fn leave(&mut self) -> Option<u64> {
         let d = self.dispatch.take()?;
         let id = d.selection.instance_id;
@@ -168,9 +205,21 @@ impl RoutedStream {
     /// A fresh id, so a worker that still holds the last attempt cannot take it for a duplicate.
     fn next_attempt(&mut self, failed: Option<u64>) {
         self.failed.extend(failed);
-        self.retries_left -= 1;
         self.attempt += 1;
+        self.started = false;
         self.request.request_id = format!("{}-r{}", self.base_id, self.attempt);
+    }
+
+    /// The next attempt continues from what the caller has: the generated tokens join the
+    /// prompt and leave the output budgets.
+    fn migrate(&mut self, failed: Option<u64>) {
+        self.next_attempt(failed);
+        let mut tokens = self.request.token_ids[..self.prompt_len].to_vec();
+        tokens.extend_from_slice(&self.generated);
+        self.request.token_ids = tokens;
+        let n = self.generated.len();
+        self.request.sampling.max_tokens = self.max_tokens.saturating_sub(n).max(1);
+        self.request.sampling.min_tokens = self.min_tokens.saturating_sub(n);
     }
 }
 

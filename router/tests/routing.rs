@@ -33,6 +33,7 @@ fn request(id: &str) -> GenerateRequest {
         request_id: id.into(),
         token_ids: vec![1, 2, 3, 4, 5],
         sampling: SamplingParams::greedy(3),
+        router_overlap_blocks: 0,
     }
 }
 
@@ -152,8 +153,8 @@ impl RoutingPolicy for Recorder {
         let chosen = self
             .prefer
             .iter()
-            .find_map(|p| ctx.instances.iter().find(|i| i.address == *p))
-            .unwrap_or(&ctx.instances[0]);
+            .find_map(|p| ctx.candidates.iter().find(|c| c.instance.address == *p))
+            .unwrap_or(&ctx.candidates[0]);
         Ok(Selection::of(chosen))
     }
 
@@ -197,6 +198,7 @@ async fn setup(prefer: Vec<&'static str>, retries: u32, full: bool) -> Setup {
         RouterOptions {
             block_size: 2,
             retries,
+            ..RouterOptions::default()
         },
     )
     .await

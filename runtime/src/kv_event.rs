@@ -61,6 +61,10 @@ pub struct KvDump {
     pub blocks: Vec<CachedBlock>,
 }
 
+/// The key of a worker's discovery metadata that names the request-plane address where it
+/// answers [`KvStateQuery`]s.
+pub const KV_STATE_KEY: &str = "kv_state";
+
 /// What a router asks a worker for when its view of the worker's cache may be stale.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KvStateQuery {

@@ -32,6 +32,7 @@ pub async fn live() -> Json<serde_json::Value> {
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.set_engine(&state.router.loads());
+    state.router.refresh_metrics();
     (
         [(
             header::CONTENT_TYPE,

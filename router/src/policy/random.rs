@@ -11,7 +11,7 @@ impl RoutingPolicy for Random {
     }
 
     fn select(&self, ctx: &RouteContext<'_>) -> Result<Selection, NoCapacity> {
-        let i = rand::random_range(0..ctx.instances.len());
-        Ok(Selection::of(&ctx.instances[i]))
+        let i = rand::random_range(0..ctx.candidates.len());
+        Ok(Selection::of(&ctx.candidates[i]))
     }
 }

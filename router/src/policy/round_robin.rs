@@ -16,7 +16,7 @@ impl RoutingPolicy for RoundRobin {
     }
 
     fn select(&self, ctx: &RouteContext<'_>) -> Result<Selection, NoCapacity> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % ctx.instances.len();
-        Ok(Selection::of(&ctx.instances[i]))
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % ctx.candidates.len();
+        Ok(Selection::of(&ctx.candidates[i]))
     }
 }

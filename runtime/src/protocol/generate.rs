@@ -12,6 +12,10 @@ pub struct GenerateRequest {
     pub request_id: String,
     pub token_ids: Vec<u32>,
     pub sampling: SamplingParams,
+    /// Leading prompt blocks the router believed this worker caches when it chose it (the KV
+    /// index's overlap); the worker's own prefix cache decides what is actually reused.
+    #[serde(default)]
+    pub router_overlap_blocks: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
