@@ -90,7 +90,10 @@ async fn kv_routing_returns_a_shared_prefix_to_its_worker_and_round_robin_does_n
                 assert!(cached2 >= 12, "kv: cached_tokens {cached2}");
             } else {
                 assert_ne!(w2, w1, "round-robin alternates");
-                assert_eq!(cached2, 0, "round-robin: the other worker has nothing cached");
+                assert_eq!(
+                    cached2, 0,
+                    "round-robin: the other worker has nothing cached"
+                );
             }
         }
     }
@@ -135,7 +138,10 @@ async fn a_late_router_loads_a_dump_and_a_gap_is_filled_by_asking_the_worker() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(late.metrics().resyncs() > before, "the gap started a resync");
+    assert!(
+        late.metrics().resyncs() > before,
+        "the gap started a resync"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(late.overlaps(&prompt).get(&id), Some(&2));
     // The worker's real events still apply after it.
@@ -171,10 +177,16 @@ async fn a_stream_whose_worker_dies_migrates_and_ends_as_an_uninterrupted_one() 
     .await;
     let mut workers = start_workers(&planes, 2).await;
     let expected = {
-        let mut s = router.generate(request("plain", vec![5], 30)).await.unwrap();
+        let mut s = router
+            .generate(request("plain", vec![5], 30))
+            .await
+            .unwrap();
         tokens_of(&mut s).await
     };
-    let mut stream = router.generate(request("moved", vec![5], 30)).await.unwrap();
+    let mut stream = router
+        .generate(request("moved", vec![5], 30))
+        .await
+        .unwrap();
     let mut got = take(&mut stream, 5).await;
     let serving = stream.instance_id().unwrap();
     let i = workers
