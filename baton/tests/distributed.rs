@@ -2,7 +2,9 @@
 //! `scripts/infra` installs): a frontend and two decode workers serve chat completions; a
 //! worker killed with SIGKILL mid-stream ends its stream with an error and the next request
 //! succeeds; NATS and etcd restarts are survived without restarting Baton; and `baton serve`
-//! with NATS/etcd starts and stops the processes itself.
+//! with NATS/etcd starts and stops the processes itself. With `--migration-limit 1`, a stream
+//! whose worker is killed mid-generation moves to the other worker and ends with the same
+//! greedy text as an uninterrupted run.
 
 mod common;
 
@@ -209,6 +211,112 @@ async fn separate_processes_serve_and_survive_worker_and_server_faults() {
     front.signal(libc::SIGTERM);
     let status = front.child.wait().unwrap();
     assert!(status.success(), "frontend exits 0 on SIGTERM: {status:?}");
+}
+
+/// The instance id a worker process logged when it registered.
+fn instance_of(worker: &Proc) -> Option<u64> {
+    let log = std::fs::read_to_string(&worker.log).ok()?;
+    let line = log.lines().find(|l| l.contains("decode worker ready"))?;
+    let id = line.split("instance=").nth(1)?;
+    id.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// The worker (hex instance id) the router's request counter moved for since `before`.
+fn routed_to(before: &str, after: &str) -> Option<String> {
+    let counts = |text: &str| -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| l.starts_with("baton_router_requests_total{"))
+            .filter_map(|l| {
+                let worker = l.split("worker=\"").nth(1)?.split('"').next()?.to_string();
+                Some((worker, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect()
+    };
+    let old = counts(before);
+    counts(after).into_iter().find_map(|(w, n)| {
+        let was = old.iter().find(|(o, _)| *o == w).map_or(0.0, |(_, n)| *n);
+        (n > was).then_some(w)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_stream_migrates_with_the_same_greedy_text() {
+    let nats = NatsServer::start().expect("nats-server");
+    let etcd = EtcdServer::start().expect("etcd");
+    let (n, e) = (nats.url.clone(), etcd.url.clone());
+    // f32: a prefill of prompt + tokens so far gives the same argmax as decoding them did.
+    let workers: Vec<Proc> = (0..2)
+        .map(|i| {
+            Proc::spawn(
+                &format!("mworker{i}"),
+                &["run", "decode-worker", "--dtype", "f32"],
+                &n,
+                &e,
+            )
+        })
+        .collect();
+    let mut front = Proc::spawn(
+        "mfrontend",
+        &["run", "frontend", "--port", "0", "--migration-limit", "1"],
+        &n,
+        &e,
+    );
+    let base = front.listening();
+    assert!(workers_healthy(&base, 2).await, "{}", front.log_tail());
+    let url = format!("{base}/v1/chat/completions");
+    let (status, reference) = post_json(&client(), &url, &chat(48, false)).await;
+    assert_eq!(status, 200, "{reference}");
+    let reference = reference["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (_, before) = get_text(&client(), &format!("{base}/metrics")).await;
+    let resp = client()
+        .post(&url)
+        .json(&chat(48, true))
+        .send()
+        .await
+        .unwrap();
+    let mut sse = Sse::new(resp);
+    let mut text = String::new();
+    let mut chunks = 0;
+    let mut killed = false;
+    let mut error = None;
+    let mut done = false;
+    while let Some(data) = tokio::time::timeout(Duration::from_secs(90), sse.next())
+        .await
+        .expect("a migrating stream must not hang")
+    {
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(&data).unwrap();
+        if v.get("error").is_some() {
+            error = Some(v);
+            continue;
+        }
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(c);
+            chunks += 1;
+        }
+        if chunks == 8 && !killed {
+            let (_, after) = get_text(&client(), &format!("{base}/metrics")).await;
+            let serving = routed_to(&before, &after).expect("the stream's worker in /metrics");
+            let victim = workers
+                .iter()
+                .find(|w| instance_of(w).map(|id| format!("{id:x}")) == Some(serving.clone()))
+                .expect("the serving worker's process");
+            victim.signal(libc::SIGKILL);
+            killed = true;
+        }
+    }
+    assert!(killed && done, "killed mid-stream and ended with [DONE]");
+    assert!(error.is_none(), "migrated, not failed: {error:?}");
+    assert_eq!(text, reference, "the migrated stream's greedy text");
+    let (_, metrics) = get_text(&client(), &format!("{base}/metrics")).await;
+    assert_eq!(metric(&metrics, "baton_migrations_total"), Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
