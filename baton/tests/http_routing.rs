@@ -104,6 +104,20 @@ async fn pairs_sharing_a_long_prefix_reuse_the_cache_under_kv_routing_only() {
             }
         }
     }
+    // The router's view is on /metrics: its index, the events that fed it, what it decided.
+    let (_, text) = get_text(&client(), &kv_server().url("/metrics")).await;
+    assert!(metric(&text, "baton_router_indexer_blocks").unwrap() >= 7.0, "{text}");
+    for line in [
+        "baton_router_events_total{kind=\"stored\"}",
+        "baton_router_overlap_blocks_count",
+        "baton_router_requests_total{policy=\"kv\"",
+        "baton_worker_kv_blocks_used{worker=",
+        "baton_worker_active_requests{worker=",
+        "baton_migrations_total 0",
+        "baton_router_resyncs_total",
+    ] {
+        assert!(text.contains(line), "/metrics lacks {line}:\n{text}");
+    }
 }
 
 #[tokio::test]

@@ -157,3 +157,33 @@ async fn min_workers_holds_requests_until_enough_workers_registered() {
         Ok(_) => panic!("routed with too few workers"),
     }
 }
+
+#[tokio::test]
+async fn approximate_mode_learns_from_its_own_decisions_and_forgets_after_the_ttl() {
+    let planes = planes();
+    let router = router(
+        &planes,
+        "kv",
+        RouterOptions {
+            kv_mode: router::KvMode::Approximate {
+                ttl: Duration::from_millis(300),
+            },
+            ..RouterOptions::default()
+        },
+    )
+    .await;
+    let _a = holding_worker(&planes, "t", "a").await;
+    let _b = holding_worker(&planes, "t", "b").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // 300 tokens: two full 128-token blocks.
+    let prompt = request("p", 300).token_ids;
+    let first = open(&router, "first").await.instance_id().unwrap();
+    assert_eq!(router.overlaps(&prompt).get(&first), Some(&2));
+    for i in 0..5 {
+        // Its load is gone with the dropped stream; the remembered prefix brings it back.
+        let again = open(&router, &format!("again{i}")).await.instance_id();
+        assert_eq!(again, Some(first), "the worker the router sent the prefix to");
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(router.overlaps(&prompt).is_empty(), "forgotten after the TTL");
+}
