@@ -53,7 +53,7 @@ async fn least_loaded_never_picks_a_busier_worker_and_the_book_balances() {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        if !open_streams.is_empty() && (seed >> 33) % 3 == 0 {
+        if !open_streams.is_empty() && (seed >> 33).is_multiple_of(3) {
             let i = (seed >> 40) as usize % open_streams.len();
             drop(open_streams.swap_remove(i));
             continue;
