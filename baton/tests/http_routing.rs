@@ -106,7 +106,10 @@ async fn pairs_sharing_a_long_prefix_reuse_the_cache_under_kv_routing_only() {
     }
     // The router's view is on /metrics: its index, the events that fed it, what it decided.
     let (_, text) = get_text(&client(), &kv_server().url("/metrics")).await;
-    assert!(metric(&text, "baton_router_indexer_blocks").unwrap() >= 7.0, "{text}");
+    assert!(
+        metric(&text, "baton_router_indexer_blocks").unwrap() >= 7.0,
+        "{text}"
+    );
     for line in [
         "baton_router_events_total{kind=\"stored\"}",
         "baton_router_overlap_blocks_count",

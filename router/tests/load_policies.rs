@@ -182,8 +182,15 @@ async fn approximate_mode_learns_from_its_own_decisions_and_forgets_after_the_tt
     for i in 0..5 {
         // Its load is gone with the dropped stream; the remembered prefix brings it back.
         let again = open(&router, &format!("again{i}")).await.instance_id();
-        assert_eq!(again, Some(first), "the worker the router sent the prefix to");
+        assert_eq!(
+            again,
+            Some(first),
+            "the worker the router sent the prefix to"
+        );
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(router.overlaps(&prompt).is_empty(), "forgotten after the TTL");
+    assert!(
+        router.overlaps(&prompt).is_empty(),
+        "forgotten after the TTL"
+    );
 }
