@@ -326,10 +326,6 @@ fn empty_slots(capacity: usize) -> Vec<u64> {
 #[cfg(target_os = "linux")]
 fn advise_huge_pages(ptr: *mut std::ffi::c_void, bytes: usize) {
     const HUGE_PAGE: usize = 2 << 20;
-    const MADV_HUGEPAGE: i32 = 14;
-    extern "C" {
-        fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
-    }
     if bytes < 2 * HUGE_PAGE {
         return;
     }
@@ -338,7 +334,7 @@ fn advise_huge_pages(ptr: *mut std::ffi::c_void, bytes: usize) {
     let len = (bytes - (aligned - start)) & !4095;
     // SAFETY: the range lies inside the allocation (rounded inwards to whole pages), and
     // MADV_HUGEPAGE changes only how the kernel backs it, never its contents.
-    unsafe { madvise(aligned as *mut std::ffi::c_void, len, MADV_HUGEPAGE) };
+    unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
 }
 
 #[cfg(not(target_os = "linux"))]
