@@ -2,7 +2,8 @@
 //! with `--router kv` and once with round-robin. A request that shares a 1 000-token prefix
 //! with the one before it is served from the cache of the worker that holds it
 //! (`cached_tokens` ≥ 896) under the KV router and not under round-robin; and 32 requests
-//! that share one 500-token system prompt still spread over both workers.
+//! that share one 500-token system prompt still spread over both workers. A frontend with
+//! `--min-workers` and too few workers waits, then answers 503 naming the shortfall.
 
 mod common;
 
@@ -157,5 +158,37 @@ async fn a_shared_system_prompt_does_not_pile_every_request_on_one_worker() {
     assert!(
         per_worker.iter().all(|&n| n >= 10.0),
         "both workers get at least 10 of 32: {per_worker:?}"
+    );
+}
+
+#[tokio::test]
+async fn min_workers_waits_then_answers_503_naming_the_shortfall() {
+    static S: OnceLock<Result<Server, String>> = OnceLock::new();
+    let server = server(
+        &S,
+        "minworkers",
+        &[
+            "--workers",
+            "0",
+            "--min-workers",
+            "1",
+            "--min-workers-wait",
+            "1",
+        ],
+    );
+    let started = std::time::Instant::now();
+    let (status, body) = post_json(
+        &client(),
+        &server.url("/v1/completions"),
+        &json!({"model": "smollm2", "prompt": "hi", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_openai_error(&body, "too few workers");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("only 0 of the 1 workers"), "{message}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "it waited"
     );
 }
