@@ -96,6 +96,9 @@ async fn pairs_sharing_a_long_prefix_reuse_the_cache_under_kv_routing_only() {
             let first = [prefix.clone(), fresh_tokens(8)].concat();
             let second = [prefix, fresh_tokens(12)].concat();
             assert_eq!(cached_tokens(server, &first).await, 0, "a fresh prefix");
+            // The worker publishes its KV events after the step that answered: give the
+            // router's index a moment, as a user's next turn would.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             let cached = cached_tokens(server, &second).await;
             if kv {
                 // 1 000 tokens hold 7 full 128-token blocks.

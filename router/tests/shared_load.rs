@@ -57,15 +57,35 @@ async fn two_routers_over_nats_agree_on_load() {
     for round in 0..6 {
         for (k, which) in [0usize, 0, 1].into_iter().enumerate() {
             let router = &routers[which].1;
-            // Let the other router's report arrive (NATS round trip), as between requests of
-            // real clients; the workers' own reports would take up to a second.
-            tokio::time::sleep(Duration::from_millis(30)).await;
             let mut s = router
                 .generate(request(&format!("r{round}-{k}"), 50))
                 .await
                 .unwrap();
             s.next().await.unwrap().unwrap();
             streams.push((which, s.instance_id().unwrap(), s));
+            let truth: Vec<usize> = ids
+                .iter()
+                .map(|w| streams.iter().filter(|(_, i, _)| i == w).count())
+                .collect();
+            // Each router learns the other's request within a NATS round trip, long before
+            // the workers' own reports (up to a second) would tell it.
+            let mut agreed = false;
+            for _ in 0..300 {
+                agreed = routers.iter().all(|(_, r)| {
+                    ids.iter()
+                        .map(|&w| r.active_requests(w))
+                        .collect::<Vec<_>>()
+                        == truth
+                });
+                if agreed {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(
+                agreed,
+                "round {round}: both routers count both routers' requests {truth:?}"
+            );
         }
         let per_worker: Vec<usize> = ids
             .iter()
@@ -75,12 +95,5 @@ async fn two_routers_over_nats_agree_on_load() {
             per_worker[0].abs_diff(per_worker[1]) <= 1,
             "round {round}: {per_worker:?}"
         );
-        for (_, r) in &routers {
-            let seen: Vec<usize> = ids.iter().map(|&w| r.active_requests(w)).collect();
-            assert_eq!(
-                seen, per_worker,
-                "each router counts both routers' requests"
-            );
-        }
     }
 }
