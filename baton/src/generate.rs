@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use engine::{
-    build_engine, loader, parse_device, parse_kind, EngineOptions, FinishReason, Request,
+    build_engine, loader, parse_device, resolve_kind, EngineOptions, FinishReason, Request,
     RequestOutput, SamplingParams,
 };
 use processor::{ChatMessage, ChatTemplate};
@@ -38,8 +38,9 @@ pub struct GenerateArgs {
     /// Keep going past EOS until `--max-tokens`.
     #[arg(long)]
     ignore_eos: bool,
-    /// Compute dtype: bf16 (fast on CPU) or f32 (matches reference outputs exactly).
-    #[arg(long, env = "BATON_DTYPE", default_value = "bf16")]
+    /// Compute dtype: auto (bf16 on CUDA and on CPUs with AVX-512-BF16 or AMX, else f32), bf16,
+    /// f16 or f32 (matches reference outputs exactly).
+    #[arg(long, env = "BATON_DTYPE", default_value = "auto")]
     dtype: String,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, env = "BATON_DEVICE", default_value = "cpu")]
@@ -50,9 +51,16 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let kind = parse_kind(&args.dtype)
-        .with_context(|| format!("unknown `--dtype` {:?} (use bf16, f16 or f32)", args.dtype))?;
     let device = parse_device(&args.device)?;
+    let (kind, why) = resolve_kind(&args.dtype, device).with_context(|| {
+        format!(
+            "unknown `--dtype` {:?} (use auto, bf16, f16 or f32)",
+            args.dtype
+        )
+    })?;
+    if let Some(why) = why {
+        tracing::info!("dtype auto: {kind:?}, because {why}");
+    }
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message(format!("loading {}", args.model));
     spinner.enable_steady_tick(std::time::Duration::from_millis(100));

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use engine::{parse_device, parse_kind, EngineOptions, ModelCard};
+use engine::{parse_device, resolve_kind, EngineOptions, ModelCard};
 use processor::{ChatTemplate, ServedModel};
 use router::{KvCostConfig, KvMode, RouterOptions};
 use runtime::{PlaneSettings, Planes};
@@ -83,7 +83,8 @@ pub struct ServeArgs {
     /// `Router.min-workers-wait`, else 30].
     #[arg(long, env = "BATON_MIN_WORKERS_WAIT")]
     min_workers_wait: Option<u64>,
-    /// Compute dtype: bf16 (fast on CPU) or f32.
+    /// Compute dtype: auto (bf16 on CUDA and on CPUs with AVX-512-BF16 or AMX, else f32),
+    /// bf16, f16 or f32 [default: `Baton.dtype`, else auto].
     #[arg(long, env = "BATON_DTYPE")]
     dtype: Option<String>,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -198,10 +199,13 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
         .clone()
         .or(frontend.served_model_name)
         .unwrap_or_else(|| model.clone());
-    let dtype = args.dtype.clone().or(baton.dtype).unwrap_or("bf16".into());
-    let kind = parse_kind(&dtype)
-        .with_context(|| format!("unknown `--dtype` {dtype:?} (use bf16, f16 or f32)"))?;
+    let dtype = args.dtype.clone().or(baton.dtype).unwrap_or("auto".into());
     let device = parse_device(&args.device.clone().or(baton.device).unwrap_or("cpu".into()))?;
+    let (kind, why) = resolve_kind(&dtype, device)
+        .with_context(|| format!("unknown `--dtype` {dtype:?} (use auto, bf16, f16 or f32)"))?;
+    if let Some(why) = why {
+        tracing::info!("dtype auto: {kind:?}, because {why}");
+    }
     let defaults = EngineOptions::default();
     let engine = EngineOptions {
         kind,

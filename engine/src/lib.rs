@@ -20,7 +20,9 @@ pub mod scheduler;
 pub mod sequence;
 pub mod weights;
 
-pub use builder::{build_engine, parse_device, parse_kind, EngineOptions, SharedModel};
+pub use builder::{
+    auto_kind, build_engine, parse_device, parse_kind, resolve_kind, EngineOptions, SharedModel,
+};
 pub use card::ModelCard;
 pub use config::{LlamaConfig, RopeScaling};
 pub use engine::{

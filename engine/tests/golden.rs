@@ -220,8 +220,9 @@ fn batching_chunking_and_prefix_hits_do_not_change_greedy_output() {
     }
 }
 
-/// bf16 is the serving default and decodes through its own attention path; it cannot match
-/// float32 bit for bit, so it is held to the reference only where the reference is decisive.
+/// bf16 is the serving default where the CPU computes it natively (`--dtype auto`) and decodes
+/// through its own attention path; it cannot match float32 bit for bit, so it is held to the
+/// reference only where the reference is decisive.
 #[test]
 fn bf16_batched_decode_follows_reference_where_it_is_decisive() {
     const DECISIVE: f64 = 0.3;
