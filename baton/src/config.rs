@@ -70,6 +70,7 @@ pub struct RouterSection {
     pub kv_overlap_credit: Option<f64>,
     pub kv_prefill_load_scale: Option<f64>,
     pub router_temperature: Option<f64>,
+    pub kv_recent_load_weight: Option<f64>,
     /// Learn the workers' caches from the router's own decisions instead of KV events.
     pub no_kv_events: Option<bool>,
     /// Seconds the approximate index remembers a decision.

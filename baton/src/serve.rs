@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// [default: `Router.router-temperature`, else 0].
     #[arg(long, env = "BATON_ROUTER_TEMPERATURE")]
     router_temperature: Option<f64>,
+    /// KV router: weight of the load of its recent decisions, so traffic paced one request at
+    /// a time still spreads (0.1 keeps long conversations on their worker) [default:
+    /// `Router.kv-recent-load-weight`, else 0: Dynamo's cost].
+    #[arg(long, env = "BATON_KV_RECENT_LOAD_WEIGHT")]
+    kv_recent_load_weight: Option<f64>,
     /// Learn the workers' caches from the router's own decisions (each kept
     /// `--kv-approx-ttl` seconds) instead of their KV events, for engines that publish none.
     #[arg(long, env = "BATON_NO_KV_EVENTS")]
@@ -287,6 +292,10 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
                     .router_temperature
                     .or(router_section.router_temperature)
                     .unwrap_or(d.temperature),
+                recent_load_weight: args
+                    .kv_recent_load_weight
+                    .or(router_section.kv_recent_load_weight)
+                    .unwrap_or(d.recent_load_weight),
             };
             kv.check()?;
             kv

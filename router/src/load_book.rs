@@ -22,6 +22,9 @@ use crate::policy::WorkerCounts;
 
 /// How often a router repeats all its totals (so a router that starts late learns them).
 pub const SHARE_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How much a routing decision's weight in the recent-load signal shrinks with each later
+/// decision (memory of about ten decisions).
+pub const RECENT_DECAY: f64 = 0.9;
 /// A peer router not heard from for this long no longer counts.
 pub const PEER_EXPIRY: Duration = Duration::from_secs(3);
 
@@ -45,6 +48,10 @@ struct Books {
 pub(crate) struct LoadBook {
     pub router_id: u64,
     books: Mutex<Books>,
+    /// Per worker, the prompt blocks of this router's recent decisions, each decision's weight
+    /// decaying by [`RECENT_DECAY`] with every later decision: a load signal that outlives the
+    /// requests, for traffic paced so that nothing is in flight when the next one is routed.
+    recent: Mutex<HashMap<u64, f64>>,
     outbox: mpsc::UnboundedSender<RouterLoadReport>,
 }
 
@@ -55,6 +62,7 @@ impl LoadBook {
         let book = Self {
             router_id,
             books: Mutex::default(),
+            recent: Mutex::default(),
             outbox,
         };
         (book, rx)
@@ -87,6 +95,12 @@ impl LoadBook {
         self.lock().own.get(&worker).copied().unwrap_or_default()
     }
 
+    /// The recent-load signal of `worker` (see the field).
+    pub fn recent(&self, worker: u64) -> f64 {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.get(&worker).copied().unwrap_or(0.0)
+    }
+
     /// Charges a request to `worker` until the guard drops.
     pub fn charge(
         self: &Arc<Self>,
@@ -99,6 +113,14 @@ impl LoadBook {
             c.prefill_tokens += prefill_tokens;
             c.active_blocks += blocks;
         });
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            recent.retain(|_, r| {
+                *r *= RECENT_DECAY;
+                *r > 1e-3
+            });
+            *recent.entry(worker).or_default() += blocks as f64;
+        }
         LoadGuard {
             book: self.clone(),
             worker,
@@ -160,6 +182,10 @@ impl LoadBook {
 
     /// The worker left discovery: nothing counts against it any more.
     pub fn forget(&self, worker: u64) {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&worker);
         let mut books = self.lock();
         books.own.remove(&worker);
         for (_, workers) in books.peers.values_mut() {

@@ -394,6 +394,7 @@ impl Shared {
                     overlap_blocks: overlaps.get(&instance.instance_id).copied().unwrap_or(0),
                     cached_blocks,
                     counts: self.book.counts(instance.instance_id),
+                    recent_blocks: self.book.recent(instance.instance_id),
                     reported: loads.get(&instance.instance_id),
                 })
                 .collect();

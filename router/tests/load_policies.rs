@@ -194,3 +194,57 @@ async fn approximate_mode_learns_from_its_own_decisions_and_forgets_after_the_tt
         "forgotten after the TTL"
     );
 }
+
+/// Routes `n` requests one after another (each ends before the next is routed), all sharing
+/// a 384-token prefix; returns how many each of the two workers got.
+async fn paced_shared_prefix(recent_load_weight: f64, n: usize) -> Vec<usize> {
+    let planes = planes();
+    let router = Router::new(
+        &planes,
+        endpoint("t"),
+        policy_from_name(
+            "kv",
+            KvCostConfig {
+                recent_load_weight,
+                ..KvCostConfig::default()
+            },
+        )
+        .unwrap(),
+        RouterOptions {
+            kv_mode: router::KvMode::Approximate {
+                ttl: Duration::from_secs(60),
+            },
+            ..RouterOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let a = holding_worker(&planes, "t", "a").await;
+    let b = holding_worker(&planes, "t", "b").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let ids = [a.instance.instance_id, b.instance.instance_id];
+    let mut got = vec![0; 2];
+    for i in 0..n {
+        let mut r = request(&format!("q{i}"), 384);
+        r.token_ids.extend([1000 + i as u32; 136]);
+        let mut s = router.generate(r).await.unwrap();
+        s.next().await.unwrap().unwrap();
+        got[ids
+            .iter()
+            .position(|&w| Some(w) == s.instance_id())
+            .unwrap()] += 1;
+    }
+    got
+}
+
+#[tokio::test]
+async fn paced_traffic_on_a_shared_prefix_spreads_only_with_the_recent_load_term() {
+    // Dynamo's cost: nothing is in flight at any decision, so the worker holding the prefix
+    // takes every request.
+    let plain = paced_shared_prefix(0.0, 32).await;
+    assert!(plain.contains(&32), "{plain:?}");
+    // With the recent-load term the other worker takes some, learns the prefix, and they share.
+    let spread = paced_shared_prefix(0.1, 32).await;
+    eprintln!("paced shared prefix, 32 requests: weight 0 {plain:?}, weight 0.1 {spread:?}");
+    assert!(spread.iter().all(|&n| n >= 8), "{spread:?}");
+}

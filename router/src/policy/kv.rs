@@ -32,6 +32,12 @@ pub struct KvCostConfig {
     pub overlap_credit: f64,
     /// 0: always the cheapest; higher spreads requests over near-cheapest workers.
     pub temperature: f64,
+    /// Weight of the recent-load signal (`Candidate::recent_blocks`) added to the decode term;
+    /// 0 (the default) is Dynamo's cost. Above 0, traffic paced so that nothing is in flight at
+    /// a decision still spreads once one worker has taken enough of it to outweigh the prefill
+    /// a shared prefix saves (Infera#103's symptom); 0.1 keeps long conversations (overlap of
+    /// many blocks) on their worker.
+    pub recent_load_weight: f64,
 }
 
 impl Default for KvCostConfig {
@@ -40,6 +46,7 @@ impl Default for KvCostConfig {
             prefill_load_scale: 1.0,
             overlap_credit: 1.0,
             temperature: 0.0,
+            recent_load_weight: 0.0,
         }
     }
 }
@@ -50,6 +57,7 @@ impl KvCostConfig {
             ("kv-prefill-load-scale", self.prefill_load_scale),
             ("kv-overlap-credit", self.overlap_credit),
             ("router-temperature", self.temperature),
+            ("kv-recent-load-weight", self.recent_load_weight),
         ] {
             if !value.is_finite() || value < 0.0 {
                 return Err(RouterError::InvalidOption {
@@ -79,7 +87,8 @@ impl KvRouting {
         let prefill_blocks = (c.counts.prefill_tokens + ctx.token_ids.len()) as f64 / bs;
         let uncached =
             (prefill_blocks - self.config.overlap_credit * c.overlap_blocks as f64).max(0.0);
-        let decode_blocks = (c.counts.active_blocks + ctx.prompt_blocks()) as f64;
+        let decode_blocks = (c.counts.active_blocks + ctx.prompt_blocks()) as f64
+            + self.config.recent_load_weight * c.recent_blocks;
         self.config.prefill_load_scale * uncached + decode_blocks
     }
 }
@@ -179,6 +188,7 @@ mod tests {
                 overlap_blocks: overlap,
                 cached_blocks: cached,
                 counts,
+                recent_blocks: 0.0,
                 reported: None,
             })
             .collect();

@@ -43,6 +43,9 @@ pub struct Candidate<'a> {
     /// Blocks the KV indexer holds for the worker (its cache's size as the router sees it).
     pub cached_blocks: usize,
     pub counts: WorkerCounts,
+    /// Prompt blocks of this router's recent decisions for it, each decision's weight decaying
+    /// by 0.9 per later decision (a load signal that outlives the requests).
+    pub recent_blocks: f64,
     /// The load it last reported (`None`: not heard from yet).
     pub reported: Option<&'a WorkerLoad>,
 }
