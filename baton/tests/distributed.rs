@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{client, collect_stream, get_text, metric, post_json, wait_for, Sse};
+use common::{
+    client, collect_stream, decisions_by_worker, get_text, metric, post_json, wait_for, Sse,
+};
 use serde_json::{json, Value};
 use test_support::EtcdServer;
 use test_support::NatsServer;
@@ -223,18 +225,9 @@ fn instance_of(worker: &Proc) -> Option<u64> {
 
 /// The worker (hex instance id) the router's request counter moved for since `before`.
 fn routed_to(before: &str, after: &str) -> Option<String> {
-    let counts = |text: &str| -> Vec<(String, f64)> {
-        text.lines()
-            .filter(|l| l.starts_with("baton_router_requests_total{"))
-            .filter_map(|l| {
-                let worker = l.split("worker=\"").nth(1)?.split('"').next()?.to_string();
-                Some((worker, l.rsplit(' ').next()?.parse().ok()?))
-            })
-            .collect()
-    };
-    let old = counts(before);
-    counts(after).into_iter().find_map(|(w, n)| {
-        let was = old.iter().find(|(o, _)| *o == w).map_or(0.0, |(_, n)| *n);
+    let old = decisions_by_worker(before);
+    decisions_by_worker(after).into_iter().find_map(|(w, n)| {
+        let was = old.get(&w).copied().unwrap_or(0.0);
         (n > was).then_some(w)
     })
 }

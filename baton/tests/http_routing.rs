@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 fn kv_server() -> &'static Server {
     static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    server(
+    once_server(
         &S,
         "kv",
         &["--workers", "2", "--router", "kv", "--num-kv-blocks", "96"],
@@ -24,7 +24,7 @@ fn kv_server() -> &'static Server {
 
 fn round_robin_server() -> &'static Server {
     static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    server(
+    once_server(
         &S,
         "rr",
         &[
@@ -36,17 +36,6 @@ fn round_robin_server() -> &'static Server {
             "96",
         ],
     )
-}
-
-fn server(
-    cell: &'static OnceLock<Result<Server, String>>,
-    name: &'static str,
-    args: &'static [&'static str],
-) -> &'static Server {
-    match cell.get_or_init(|| spawn_server(name, args).map(|(s, _)| s)) {
-        Ok(s) => s,
-        Err(e) => panic!("server {name} failed to start: {e}"),
-    }
 }
 
 /// The two servers share two cores: one test at a time.
@@ -78,13 +67,7 @@ async fn cached_tokens(server: &Server, prompt: &[u32]) -> u64 {
 /// Routing decisions per worker so far (`baton_router_requests_total`).
 async fn decisions(server: &Server) -> HashMap<String, f64> {
     let (_, text) = get_text(&client(), &server.url("/metrics")).await;
-    text.lines()
-        .filter(|l| l.starts_with("baton_router_requests_total{"))
-        .filter_map(|l| {
-            let worker = l.split("worker=\"").nth(1)?.split('"').next()?.to_string();
-            Some((worker, l.rsplit(' ').next()?.parse().ok()?))
-        })
-        .collect()
+    decisions_by_worker(&text)
 }
 
 #[tokio::test]
@@ -167,7 +150,7 @@ async fn a_shared_system_prompt_does_not_pile_every_request_on_one_worker() {
 #[tokio::test]
 async fn min_workers_waits_then_answers_503_naming_the_shortfall() {
     static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    let server = server(
+    let server = once_server(
         &S,
         "minworkers",
         &[

@@ -163,6 +163,16 @@ async fn take(stream: &mut RoutedStream, n: usize) -> Vec<u32> {
     tokens
 }
 
+/// Kills (silently, as kill -9 would) the worker serving `stream`.
+fn abandon_serving(workers: &mut Vec<DecodeWorker>, stream: &RoutedStream) {
+    let serving = stream.instance_id().unwrap();
+    let i = workers
+        .iter()
+        .position(|w| w.instance_id() == serving)
+        .unwrap();
+    workers.remove(i).abandon();
+}
+
 #[tokio::test]
 async fn a_stream_whose_worker_dies_migrates_and_ends_as_an_uninterrupted_one() {
     let planes = planes();
@@ -188,12 +198,7 @@ async fn a_stream_whose_worker_dies_migrates_and_ends_as_an_uninterrupted_one() 
         .await
         .unwrap();
     let mut got = take(&mut stream, 5).await;
-    let serving = stream.instance_id().unwrap();
-    let i = workers
-        .iter()
-        .position(|w| w.instance_id() == serving)
-        .unwrap();
-    workers.remove(i).abandon();
+    abandon_serving(&mut workers, &stream);
     got.extend(tokens_of(&mut stream).await);
     assert_eq!(got, expected, "the migrated stream continues where it was");
     assert_eq!(router.metrics().migrations(), 1);
@@ -204,12 +209,7 @@ async fn a_stream_whose_worker_dies_migrates_and_ends_as_an_uninterrupted_one() 
     let mut workers = start_workers(&planes, 2).await;
     let mut stream = router.generate(request("lost", vec![5], 30)).await.unwrap();
     take(&mut stream, 3).await;
-    let serving = stream.instance_id().unwrap();
-    let i = workers
-        .iter()
-        .position(|w| w.instance_id() == serving)
-        .unwrap();
-    workers.remove(i).abandon();
+    abandon_serving(&mut workers, &stream);
     let mut failed = false;
     while let Some(item) = stream.next().await {
         if item.is_err() {

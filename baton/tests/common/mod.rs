@@ -171,7 +171,9 @@ pub fn spawn_server(
     }
 }
 
-fn get(
+/// The server of `cell`, started with `args` on first use (and shared by the test binary's
+/// tests from then on).
+pub fn once_server(
     cell: &'static OnceLock<Result<Server, String>>,
     name: &'static str,
     args: &'static [&'static str],
@@ -185,13 +187,13 @@ fn get(
 /// (A) The shared main server: tests run on it concurrently.
 pub fn main_server() -> &'static Server {
     static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    get(&S, "main", &["--num-kv-blocks", "128"])
+    once_server(&S, "main", &["--num-kv-blocks", "128"])
 }
 
 /// (B) An API key, a 4 KiB body limit and one request in flight at most.
 pub fn limited_server() -> &'static Server {
     static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    get(
+    once_server(
         &S,
         "limited",
         &[
@@ -210,7 +212,7 @@ pub fn limited_server() -> &'static Server {
 /// (C) The frontend alone, no engine worker.
 pub fn workerless_server() -> &'static Server {
     static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    get(&S, "workerless", &["--workers", "0"])
+    once_server(&S, "workerless", &["--workers", "0"])
 }
 
 /// (D) A quiet server for tests that need the engine to themselves: exact greedy comparisons
@@ -218,7 +220,7 @@ pub fn workerless_server() -> &'static Server {
 /// it hold [`QUIET`] for their whole run.
 pub fn quiet_server() -> &'static Server {
     static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    get(&S, "quiet", &["--num-kv-blocks", "96"])
+    once_server(&S, "quiet", &["--num-kv-blocks", "96"])
 }
 
 /// Serializes the tests of the quiet server (D).
@@ -319,6 +321,17 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `baton_router_requests_total` by worker (hex instance id), from a `/metrics` text.
+pub fn decisions_by_worker(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| l.starts_with("baton_router_requests_total{"))
+        .filter_map(|l| {
+            let worker = l.split("worker=\"").nth(1)?.split('"').next()?.to_string();
+            Some((worker, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Polls `cond` every 200 ms until it holds or `deadline` passes; returns the last value.
