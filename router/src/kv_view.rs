@@ -170,7 +170,6 @@ impl KvView {
             Err(gap) => {
                 // Nobody to ask: take the worker's word from here on.
                 tracing::warn!(worker = worker_id, "KV index out of step ({gap}); the worker serves no KV state, starting over from its events");
-                inner.index.remove_worker(worker_id);
                 inner.index.load_dump(
                     worker_id,
                     &runtime::kv_event::KvDump {

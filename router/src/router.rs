@@ -122,13 +122,9 @@ impl Router {
             policy,
             metrics,
             plane: planes.requests.clone(),
-            alive: Mutex::new(
-                current
-                    .iter()
-                    .map(|i| (i.instance_id, CancellationToken::new()))
-                    .collect(),
-            ),
-            count: watch::Sender::new(current.len()),
+            // Filled by applying `current` below, as later discovery events are.
+            alive: Mutex::default(),
+            count: watch::Sender::new(0),
             instances: RwLock::new(Vec::new()),
             loads: Mutex::default(),
             book: Arc::new(book),
