@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use decode_worker::{worker_endpoint, DecodeWorker, EngineHost};
+use decode_worker::{worker_endpoint, DecodeWorker, DisaggState, Disaggregation, EngineHost};
 use engine::{loader, EngineOptions, ModelCard, SharedModel};
-use frontend::{AppState, FrontendConfig};
+use frontend::{AdminSettings, AppState, FrontendConfig};
+use kv_transfer::KvSink;
+use prefill_worker::{PrefillHost, PrefillOptions, PrefillWorker};
 use router::{policy_from_name, Router};
 use runtime::Planes;
 
@@ -42,7 +44,12 @@ pub async fn frontend(
     )
     .await?;
     let model = Arc::new(serve::served_model(card, &settings.served_model_name)?);
-    let state = Arc::new(AppState::new(model, Arc::new(router), frontend_config));
+    let state = Arc::new(
+        AppState::new(model, Arc::new(router), frontend_config).with_admin(AdminSettings {
+            discovery: planes.discovery.clone(),
+            namespace: settings.namespace.clone(),
+        }),
+    );
     let listener = frontend::bind(&state).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(
@@ -71,14 +78,57 @@ pub async fn decode_worker(
         kv_events: Some(kv_tx),
         ..settings.engine.clone()
     };
-    let (engine, _card) = model.engine(&opts)?;
-    let host = EngineHost::start(engine, Some(kv_rx), &format!("engine-{index}"))?;
-    let worker = DecodeWorker::start(host, planes, &settings.served_model_name).await?;
+    let name = format!("engine-{index}");
+    let model_name = &settings.served_model_name;
+    let worker = if settings.disagg.remote_prefill {
+        // The KV cache lives in the sink's memory, where prefill workers write.
+        let layout = model.kv_layout(&opts)?;
+        let sink = KvSink::new(layout, &settings.sink_backends(), settings.kv_host)
+            .await
+            .context("opening the KV cache for prefill workers")?;
+        let (engine, _card) = model.engine_in(&opts, Some(sink.memory()))?;
+        let state = DisaggState::new(settings.disagg.clone());
+        let host = EngineHost::start_with(engine, Some(kv_rx), &name, Some(state.clone()))?;
+        let endpoints: Vec<String> = sink
+            .descriptor()
+            .endpoints
+            .iter()
+            .map(|e| format!("{}={}", e.backend, e.address))
+            .collect();
+        let disagg = Disaggregation { state, sink };
+        let worker = DecodeWorker::start_with(host, planes, model_name, Some(disagg)).await?;
+        tracing::info!(kv = ?endpoints, "decode worker takes remote prefills");
+        worker
+    } else {
+        let (engine, _card) = model.engine(&opts)?;
+        let host = EngineHost::start(engine, Some(kv_rx), &name)?;
+        DecodeWorker::start(host, planes, model_name).await?
+    };
     tracing::info!(
         instance = worker.instance_id(),
         index,
         "decode worker ready"
     );
+    Ok(worker)
+}
+
+/// A prefill worker over `model`'s shared weights with its own engine, consuming the
+/// graph's prefill queue.
+pub async fn prefill_worker(
+    planes: &Planes,
+    settings: &Resolved,
+    model: &SharedModel,
+    index: usize,
+) -> Result<PrefillWorker> {
+    let opts = &settings.prefill_engine;
+    let layout = model.kv_layout(opts)?;
+    let (engine, _card) = model.engine(opts)?;
+    let host = PrefillHost::start(engine, layout, &format!("prefill-{index}"))?;
+    let options = PrefillOptions {
+        backend: settings.kv_transfer,
+    };
+    let worker = PrefillWorker::start(host, planes, options).await?;
+    tracing::info!(index, "prefill worker ready");
     Ok(worker)
 }
 

@@ -125,6 +125,13 @@ pub struct BatonSection {
     pub stream_timeout: Option<u64>,
     /// KV cache size in blocks per worker.
     pub num_kv_blocks: Option<usize>,
+    /// Seconds a decode worker waits for a prefill worker (to claim, then to finish) before
+    /// prefilling itself.
+    pub remote_prefill_timeout: Option<f64>,
+    /// KV transfer backend: auto, memory, shm or tcp (cuda with the `cuda` feature).
+    pub kv_transfer: Option<String>,
+    /// Address decode workers' KV servers bind and advertise for TCP transfers.
+    pub kv_host: Option<std::net::IpAddr>,
 }
 
 impl GraphConfig {

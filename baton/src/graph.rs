@@ -1,5 +1,6 @@
 //! `baton serve` with NATS and etcd: the graph as separate processes — `ServiceArgs.workers`
-//! decode workers and one frontend, each `baton run <component>` with the same flags — stopped
+//! decode workers, `PrefillWorker.ServiceArgs.workers` prefill workers when disaggregating, and
+//! one frontend, each `baton run <component>` with the same flags — stopped
 //! together on Ctrl-C (frontend first, so in-flight streams drain while workers still run).
 
 use std::ffi::OsString;
@@ -34,9 +35,13 @@ pub async fn run(settings: &Resolved) -> Result<()> {
     for _ in 0..settings.workers {
         workers.push(spawn("decode-worker")?);
     }
+    for _ in 0..settings.prefill_workers {
+        workers.push(spawn("prefill-worker")?);
+    }
     let mut frontend = spawn("frontend")?;
     tracing::info!(
         workers = settings.workers,
+        prefill_workers = settings.prefill_workers,
         "graph started as separate processes"
     );
 
@@ -44,7 +49,7 @@ pub async fn run(settings: &Resolved) -> Result<()> {
         _ = serve::shutdown_signal() => None,
         status = frontend.wait() => Some(format!("the frontend exited ({:?})", status.ok())),
         (status, i, _) = futures::future::select_all(workers.iter_mut().map(|w| Box::pin(w.wait()))) => {
-            Some(format!("decode worker {i} exited ({:?})", status.ok()))
+            Some(format!("worker process {i} exited ({:?})", status.ok()))
         }
     };
     if let Some(reason) = &failed {

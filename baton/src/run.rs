@@ -32,12 +32,6 @@ pub fn run(args: RunArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     tokio_rt.block_on(async move {
-        if args.component == Component::PrefillWorker {
-            bail!(
-                "the prefill worker comes with disaggregation; run the graph aggregated \
-                 (decode workers only) until then"
-            );
-        }
         let planes = connect(&settings).await?;
         match args.component {
             Component::Frontend => {
@@ -55,7 +49,13 @@ pub fn run(args: RunArgs) -> Result<()> {
                 worker.stop();
                 eprintln!("baton: decode worker stopped");
             }
-            Component::PrefillWorker => unreachable!("refused above"),
+            Component::PrefillWorker => {
+                let model = components::load_model(&settings).await?;
+                let worker = components::prefill_worker(&planes, &settings, &model, 0).await?;
+                serve::shutdown_signal().await;
+                worker.stop();
+                eprintln!("baton: prefill worker stopped");
+            }
         }
         Ok(())
     })

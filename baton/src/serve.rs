@@ -10,9 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use decode_worker::{DisaggConfig, DisaggThresholds};
 use engine::{parse_device, resolve_kind, EngineOptions, ModelCard};
+use kv_transfer::{BackendChoice, TransferBackend};
 use processor::{ChatTemplate, ServedModel};
 use router::{KvCostConfig, KvMode, RouterOptions};
 use runtime::{PlaneSettings, Planes};
@@ -133,6 +135,41 @@ pub struct ServeArgs {
     /// Discovery lease TTL in seconds [default: `Baton.lease-ttl`, else 10].
     #[arg(long, env = "BATON_LEASE_TTL")]
     lease_ttl: Option<u64>,
+    /// Disaggregate: decode workers may send prefills to prefill workers [default:
+    /// `VllmWorker.remote-prefill`, else false].
+    #[arg(long, env = "BATON_REMOTE_PREFILL")]
+    remote_prefill: Option<bool>,
+    /// Only prompts whose uncached part exceeds --max-local-prefill-length go remote, while the
+    /// queue is shorter than --max-prefill-queue-size; false sends every prefill remote
+    /// [default: `VllmWorker.conditional-disagg`, else true].
+    #[arg(long, env = "BATON_CONDITIONAL_DISAGG")]
+    conditional_disagg: Option<bool>,
+    /// [default: `VllmWorker.max-local-prefill-length`, else 1000]; changes at run time through
+    /// `POST /admin/disagg`.
+    #[arg(long, env = "BATON_MAX_LOCAL_PREFILL_LENGTH")]
+    max_local_prefill_length: Option<usize>,
+    /// [default: `VllmWorker.max-prefill-queue-size`, else 2]; changes at run time as above.
+    #[arg(long, env = "BATON_MAX_PREFILL_QUEUE_SIZE")]
+    max_prefill_queue_size: Option<usize>,
+    /// Seconds a decode worker waits for a prefill worker to claim a job, and then to finish
+    /// it, before prefilling locally [default: `Baton.remote-prefill-timeout`, else 30].
+    #[arg(long, env = "BATON_REMOTE_PREFILL_TIMEOUT")]
+    remote_prefill_timeout: Option<f64>,
+    /// Prefill workers [default: `PrefillWorker.ServiceArgs.workers`, else 1 when
+    /// disaggregating].
+    #[arg(long, env = "BATON_PREFILL_WORKERS")]
+    prefill_workers: Option<usize>,
+    /// Each prefill worker's KV cache (its own prefix cache and the prompt in flight).
+    #[arg(long, env = "BATON_PREFILL_KV_CACHE_MIB", default_value_t = 256)]
+    prefill_kv_cache_mib: usize,
+    /// How KV reaches decode workers: auto (in-process copy in `baton serve`; shared memory on
+    /// one host, else TCP, with NATS/etcd), memory, shm or tcp [default: `Baton.kv-transfer`].
+    #[arg(long, env = "BATON_KV_TRANSFER")]
+    kv_transfer: Option<String>,
+    /// Address a decode worker's KV server binds and advertises for TCP transfers [default:
+    /// `Baton.kv-host`, else 127.0.0.1].
+    #[arg(long, env = "BATON_KV_HOST")]
+    kv_host: Option<IpAddr>,
 }
 
 impl Resolved {
@@ -161,6 +198,25 @@ pub(crate) struct Resolved {
     pub etcd: Option<Vec<String>>,
     pub lease_ttl: Duration,
     pub stream_timeout: Duration,
+    pub disagg: DisaggConfig,
+    pub prefill_workers: usize,
+    /// The prefill workers' engines (`PrefillWorker:` keys over the decode workers' options).
+    pub prefill_engine: EngineOptions,
+    pub kv_transfer: BackendChoice,
+    pub kv_host: IpAddr,
+}
+
+impl Resolved {
+    /// The KV endpoints a decode worker opens.
+    pub fn sink_backends(&self) -> Vec<TransferBackend> {
+        match self.kv_transfer {
+            BackendChoice::Only(b) => vec![b],
+            BackendChoice::Auto if self.nats.is_some() => {
+                vec![TransferBackend::Shm, TransferBackend::Tcp]
+            }
+            BackendChoice::Auto => vec![TransferBackend::Memory],
+        }
+    }
 }
 
 fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
@@ -181,15 +237,7 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
         });
     let baton = config.baton.clone().unwrap_or_default();
     let worker = config.vllm_worker.clone().unwrap_or_default();
-    if worker.remote_prefill == Some(true) {
-        tracing::warn!(
-            "`VllmWorker.remote-prefill`: disaggregation is not built yet; decode workers prefill \
-             locally"
-        );
-    }
-    if config.prefill_worker.is_some() {
-        tracing::warn!("`PrefillWorker`: not started (disaggregation is not built yet)");
-    }
+    let prefill_section = config.prefill_worker.clone().unwrap_or_default();
     let processor = config.processor.clone().unwrap_or_default();
     let router_section = config.router.clone().unwrap_or_default();
     let frontend = config.frontend.clone().unwrap_or_default();
@@ -238,7 +286,75 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             .or(processor.max_model_len),
         kv_events: None,
     };
+    let remote_prefill = args
+        .remote_prefill
+        .or(worker.remote_prefill)
+        .unwrap_or(false);
+    let d = DisaggConfig::default();
+    let disagg = DisaggConfig {
+        remote_prefill,
+        conditional: args
+            .conditional_disagg
+            .or(worker.conditional_disagg)
+            .unwrap_or(d.conditional),
+        thresholds: DisaggThresholds {
+            max_local_prefill_length: args
+                .max_local_prefill_length
+                .or(worker.max_local_prefill_length)
+                .unwrap_or(d.thresholds.max_local_prefill_length),
+            max_prefill_queue_size: args
+                .max_prefill_queue_size
+                .or(worker.max_prefill_queue_size)
+                .unwrap_or(d.thresholds.max_prefill_queue_size),
+        },
+        remote_prefill_timeout: {
+            let secs = args
+                .remote_prefill_timeout
+                .or(baton.remote_prefill_timeout)
+                .unwrap_or(d.remote_prefill_timeout.as_secs_f64());
+            if !(secs.is_finite() && secs > 0.0) {
+                bail!("`--remote-prefill-timeout` must be a positive number of seconds, not {secs}");
+            }
+            Duration::from_secs_f64(secs)
+        },
+    };
+    let prefill_workers = if remote_prefill {
+        args.prefill_workers
+            .or(prefill_section.service_args.as_ref().and_then(|s| s.workers))
+            .unwrap_or(1)
+    } else {
+        0
+    };
+    let prefill_engine = EngineOptions {
+        block_size: prefill_section.block_size.unwrap_or(engine.block_size),
+        num_blocks: None,
+        kv_cache_bytes: args.prefill_kv_cache_mib << 20,
+        max_num_seqs: prefill_section.max_num_seqs.unwrap_or(engine.max_num_seqs),
+        max_num_batched_tokens: prefill_section
+            .max_num_batched_tokens
+            .unwrap_or(engine.max_num_batched_tokens),
+        max_model_len: prefill_section.max_model_len.or(engine.max_model_len),
+        kv_events: None,
+        ..engine.clone()
+    };
+    let kv_transfer_name = args
+        .kv_transfer
+        .clone()
+        .or(baton.kv_transfer.clone())
+        .unwrap_or_else(|| "auto".into());
+    let kv_transfer: BackendChoice = kv_transfer_name
+        .parse()
+        .map_err(|e| anyhow::anyhow!("`--kv-transfer` {kv_transfer_name:?}: {e}"))?;
+    let kv_host = args
+        .kv_host
+        .or(baton.kv_host)
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
     Ok(Resolved {
+        disagg,
+        prefill_workers,
+        prefill_engine,
+        kv_transfer,
+        kv_host,
         model,
         served_model_name,
         port: args.port.or(frontend.port).unwrap_or(8000),
@@ -347,17 +463,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
 async fn serve(args: ServeArgs, settings: Resolved) -> Result<()> {
     let planes = Planes::in_process(settings.plane_settings());
     let mut workers = Vec::new();
-    let card = if settings.workers == 0 {
+    let mut prefill_workers = Vec::new();
+    let card = if settings.workers == 0 && settings.prefill_workers == 0 {
         components::load_card(&settings).await?
     } else {
         let model = components::load_model(&settings).await?;
         for i in 0..settings.workers {
             workers.push(components::decode_worker(&planes, &settings, &model, i).await?);
         }
+        for i in 0..settings.prefill_workers {
+            prefill_workers.push(components::prefill_worker(&planes, &settings, &model, i).await?);
+        }
         model.card(&settings.engine)
     };
     components::frontend(&planes, &args, &settings, &card).await?;
     for worker in workers {
+        worker.stop();
+    }
+    for worker in prefill_workers {
         worker.stop();
     }
     eprintln!("baton: stopped");

@@ -5,14 +5,15 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use engine::{Engine, Request, RequestOutput};
+use engine::{AdmissionError, Engine, Request, RequestOutput, SampledToken};
 use runtime::kv_event::KvEvent;
-use runtime::protocol::{GenerateRequest, TokenDelta, TokenLogprob, WorkerLoad};
+use runtime::protocol::{GenerateRequest, PrefillCounters, TokenDelta, TokenLogprob, WorkerLoad};
 use tokio::sync::{mpsc, watch};
 
+use crate::disagg::{DisaggState, Placement};
 use crate::error::WorkerError;
 
 /// What the engine thread reports about one request.
@@ -26,6 +27,13 @@ pub enum EngineEvent {
     },
     /// Failed while running; the engine has freed its blocks.
     Failed(String),
+    /// The disaggregation rule sent its prefill to the queue: these blocks (the whole prompt,
+    /// the first `cached_blocks` already computed here) await a prefill worker. Tokens follow
+    /// once [`EngineHost::complete_remote`] or [`EngineHost::prefill_locally`] is called.
+    RemotePrefill {
+        block_ids: Vec<u32>,
+        cached_blocks: usize,
+    },
 }
 
 enum Command {
@@ -34,6 +42,11 @@ enum Command {
         events: mpsc::UnboundedSender<EngineEvent>,
     },
     Abort(String),
+    CompleteRemote {
+        request_id: String,
+        first: SampledToken,
+    },
+    PrefillLocally(String),
     Shutdown,
 }
 
@@ -44,6 +57,7 @@ struct Stream {
 
 pub struct EngineHost {
     commands: std_mpsc::Sender<Command>,
+    counters: Arc<Mutex<PrefillCounters>>,
     load: watch::Receiver<WorkerLoad>,
     kv_events: Mutex<Option<mpsc::UnboundedReceiver<KvEvent>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -55,6 +69,19 @@ struct Outlets {
     /// The block manager's events (`EngineOptions::kv_events`), and where they go on.
     kv_in: Option<std_mpsc::Receiver<KvEvent>>,
     kv_out: mpsc::UnboundedSender<KvEvent>,
+}
+
+/// How the engine thread places prefills: the live rule (none: always local) and the counts
+/// it keeps of where they went.
+struct Placer {
+    disagg: Option<Arc<DisaggState>>,
+    counters: Arc<Mutex<PrefillCounters>>,
+}
+
+impl Placer {
+    fn count(&self, f: impl FnOnce(&mut PrefillCounters)) {
+        f(&mut self.counters.lock().unwrap_or_else(|e| e.into_inner()));
+    }
 }
 
 impl Outlets {
@@ -82,7 +109,23 @@ impl EngineHost {
         kv_events: Option<std_mpsc::Receiver<KvEvent>>,
         name: &str,
     ) -> Result<Self, WorkerError> {
+        Self::start_with(engine, kv_events, name, None)
+    }
+
+    /// As [`EngineHost::start`], placing each prompt's prefill by `disagg`'s rule: remote ones
+    /// reserve their blocks and report [`EngineEvent::RemotePrefill`].
+    pub fn start_with(
+        engine: Engine,
+        kv_events: Option<std_mpsc::Receiver<KvEvent>>,
+        name: &str,
+        disagg: Option<Arc<DisaggState>>,
+    ) -> Result<Self, WorkerError> {
         let (commands, rx) = std_mpsc::channel();
+        let counters = Arc::new(Mutex::new(PrefillCounters::default()));
+        let placer = Placer {
+            disagg,
+            counters: counters.clone(),
+        };
         let (load_tx, load) = watch::channel(load_of(&engine));
         let (kv_out, kv_rx) = mpsc::unbounded_channel();
         let outlets = Outlets {
@@ -92,10 +135,11 @@ impl EngineHost {
         };
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(engine, rx, outlets))
+            .spawn(move || run(engine, rx, outlets, placer))
             .map_err(WorkerError::Spawn)?;
         Ok(Self {
             commands,
+            counters,
             load,
             kv_events: Mutex::new(Some(kv_rx)),
             thread: Mutex::new(Some(thread)),
@@ -130,6 +174,27 @@ impl EngineHost {
         let _ = self.commands.send(Command::Abort(request_id.to_string()));
     }
 
+    /// A prefill worker filled the blocks of `request_id` and sampled `first`: it decodes on.
+    /// Ignored when the request no longer waits for it.
+    pub fn complete_remote(&self, request_id: &str, first: SampledToken) {
+        let _ = self.commands.send(Command::CompleteRemote {
+            request_id: request_id.to_string(),
+            first,
+        });
+    }
+
+    /// Gives up on the remote prefill of `request_id`: it prefills in this engine.
+    pub fn prefill_locally(&self, request_id: &str) {
+        let _ = self
+            .commands
+            .send(Command::PrefillLocally(request_id.to_string()));
+    }
+
+    /// Where prefills went and how KV arrived, since start.
+    pub fn prefill_counters(&self) -> Arc<Mutex<PrefillCounters>> {
+        self.counters.clone()
+    }
+
     /// The engine's load after its latest step.
     pub fn load(&self) -> WorkerLoad {
         self.load.borrow().clone()
@@ -151,11 +216,12 @@ impl Drop for EngineHost {
     }
 }
 
-fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets) {
+fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets, placer: Placer) {
     let mut streams: HashMap<String, Stream> = HashMap::new();
     loop {
-        // Block only when there is nothing to step.
-        let first = if engine.has_unfinished() {
+        // Block only when there is nothing to step (requests waiting for a remote prefill
+        // are woken by a command).
+        let first = if engine.has_work() {
             match rx.try_recv() {
                 Ok(c) => Some(c),
                 Err(std_mpsc::TryRecvError::Empty) => None,
@@ -173,10 +239,21 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets) {
             .chain(std::iter::from_fn(|| rx.try_recv().ok()))
         {
             match command {
-                Command::Add { request, events } => add(&mut engine, &mut streams, request, events),
+                Command::Add { request, events } => {
+                    add(&mut engine, &mut streams, &placer, request, events)
+                }
                 Command::Abort(id) => {
                     engine.abort(&id);
                     streams.remove(&id);
+                }
+                Command::CompleteRemote { request_id, first } => {
+                    match engine.complete_remote_prefill(&request_id, first) {
+                        Ok(out) => dispatch(&mut engine, &mut streams, out),
+                        Err(e) => tracing::debug!("late remote prefill ignored: {e}"),
+                    }
+                }
+                Command::PrefillLocally(id) => {
+                    engine.prefill_locally(&id);
                 }
                 Command::Shutdown => shutdown = true,
             }
@@ -192,7 +269,7 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets) {
             }
             open
         });
-        if engine.has_unfinished() {
+        if engine.has_work() {
             match engine.step() {
                 Ok(outputs) => {
                     for out in outputs {
@@ -218,16 +295,54 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets) {
 fn add(
     engine: &mut Engine,
     streams: &mut HashMap<String, Stream>,
+    placer: &Placer,
     request: GenerateRequest,
     events: mpsc::UnboundedSender<EngineEvent>,
 ) {
     let id = request.request_id.clone();
     let logprobs = request.sampling.logprobs.is_some();
-    let added = engine.add_request(Request {
+    let request = Request {
         request_id: request.request_id,
         prompt_token_ids: request.token_ids,
         params: request.sampling,
-    });
+    };
+    let placement = match &placer.disagg {
+        Some(rule) => {
+            let hit = engine.cached_prefix_len(&request.prompt_token_ids);
+            rule.place(request.prompt_token_ids.len(), hit)
+        }
+        None => Placement::Local,
+    };
+    let added = match placement {
+        Placement::Remote => match engine.add_remote_prefill_request(request.clone()) {
+            Ok(slot) => {
+                placer.count(|c| c.remote += 1);
+                let _ = events.send(EngineEvent::RemotePrefill {
+                    block_ids: slot.block_ids,
+                    cached_blocks: slot.cached_tokens / engine.block_size(),
+                });
+                Ok(())
+            }
+            // No blocks to reserve now: it waits for them in the local queue instead.
+            Err(AdmissionError::NoFreeBlocks(_)) => {
+                placer.count(|c| c.local += 1);
+                engine.add_request(request)
+            }
+            Err(e) => Err(e),
+        },
+        Placement::Local | Placement::LocalQueueFull => {
+            let added = engine.add_request(request);
+            if added.is_ok() {
+                placer.count(|c| {
+                    c.local += 1;
+                    if placement == Placement::LocalQueueFull {
+                        c.fallback("queue_full");
+                    }
+                });
+            }
+            added
+        }
+    };
     match added {
         Ok(()) => {
             streams.insert(id, Stream { events, logprobs });
@@ -247,6 +362,8 @@ fn dispatch(engine: &mut Engine, streams: &mut HashMap<String, Stream>, out: Req
     };
     let event = match &out {
         RequestOutput::Failed { error, .. } => EngineEvent::Failed(error.to_string()),
+        // A decode worker never runs prefill-only requests.
+        RequestOutput::Prefilled { .. } => return,
         RequestOutput::Tokens { tokens, .. } if tokens.is_empty() => return,
         RequestOutput::Tokens { tokens, usage, .. }
         | RequestOutput::Finished { tokens, usage, .. } => {
@@ -296,5 +413,7 @@ fn load_of(engine: &Engine) -> WorkerLoad {
         waiting: s.waiting,
         prefix_hit_tokens: s.prefix_hit_tokens,
         prefix_query_tokens: s.prefix_query_tokens,
+        // The publisher adds the disaggregation counters, which change off this thread too.
+        prefill: PrefillCounters::default(),
     }
 }

@@ -7,23 +7,52 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kv_transfer::KvSink;
 use runtime::discovery::{EndpointId, InstanceSpec, Registration};
 use runtime::event_plane::EventPlane;
 use runtime::kv_event::{KvEvent, KvStateQuery, WorkerKvEvent, KV_STATE_KEY};
-use runtime::protocol::{GenerateRequest, GenerateResponse, WorkerLoad};
+use runtime::protocol::{
+    GenerateRequest, GenerateResponse, NoticeReply, PrefillCounters, PrefillNotice,
+    RemotePrefillRequest, WorkerLoad,
+};
 use runtime::request_plane::IncomingRequest;
+use runtime::work_queue::WorkQueue;
 use runtime::Planes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::disagg::{follow_thresholds, DisaggState};
 use crate::engine_host::{EngineEvent, EngineHost};
 use crate::error::WorkerError;
 use crate::kv_state::{KvState, KV_RING_EVENTS};
+use crate::remote_prefill::{record, Expiry, Outcome, RemotePrefills};
+
+pub use runtime::protocol::KV_TRANSFER_KEY;
+
+/// How often the prefill queue's length is read for the disaggregation rule.
+pub const QUEUE_POLL: Duration = Duration::from_millis(100);
+
+/// A decode worker's disaggregation: the live rule (the host was started with the same
+/// state) and the sink its KV cache lives in, which prefill workers write into.
+pub struct Disaggregation {
+    pub state: Arc<DisaggState>,
+    pub sink: KvSink,
+}
+
+/// What each request's task needs to run a remote prefill.
+struct RemoteContext {
+    state: Arc<DisaggState>,
+    table: Arc<RemotePrefills>,
+    queue: Arc<dyn WorkQueue>,
+    counters: Arc<Mutex<PrefillCounters>>,
+    instance_id: std::sync::OnceLock<u64>,
+    notice_address: String,
+}
 
 /// Where decode workers of `namespace` register (DESIGN.md §2).
 pub fn worker_endpoint(namespace: &str) -> EndpointId {
-    EndpointId::new(namespace, "decode-worker", "generate")
+    runtime::discovery::decode_worker_endpoint(namespace)
 }
 
 /// A load report goes out at least this often, so a frontend that starts late learns it.
@@ -34,6 +63,8 @@ pub const LOAD_MIN_GAP: Duration = Duration::from_millis(50);
 /// A running decode worker: registered, serving, publishing, and withdrawn when stopped.
 pub struct DecodeWorker {
     host: Arc<EngineHost>,
+    /// Keeps the KV cache's memory and its endpoints alive as long as the worker.
+    _sink: Option<KvSink>,
     /// Fires when the worker is abandoned: open responses are dropped without a word.
     abandoned: CancellationToken,
     registration: Registration,
@@ -46,6 +77,18 @@ impl DecodeWorker {
         host: EngineHost,
         planes: &Planes,
         model: &str,
+    ) -> Result<Self, WorkerError> {
+        Self::start_with(host, planes, model, None).await
+    }
+
+    /// As [`DecodeWorker::start`]; with `disagg`, long prompts go to the prefill queue as
+    /// its rule says (the host must have been started with the same state), notices are served
+    /// at `{address}.prefill` and the KV descriptor is published in discovery.
+    pub async fn start_with(
+        host: EngineHost,
+        planes: &Planes,
+        model: &str,
+        disagg: Option<Disaggregation>,
     ) -> Result<Self, WorkerError> {
         let endpoint = worker_endpoint(&planes.settings.namespace);
         let plane = planes.requests.clone();
@@ -61,12 +104,50 @@ impl DecodeWorker {
         let incoming = plane.serve(&address).await?;
         let host = Arc::new(host);
         let abandoned = CancellationToken::new();
-        let server = tokio::spawn(serve(host.clone(), incoming, abandoned.clone()));
+        let mut metadata = serde_json::Map::new();
+        let mut tasks = Vec::new();
+        let (remote, sink) = match disagg {
+            Some(Disaggregation { state, sink }) => {
+                let notice_address = format!("{address}.prefill");
+                let table = RemotePrefills::new();
+                let notices = plane.serve(&notice_address).await?;
+                tasks.push(tokio::spawn(serve_notices(table.clone(), notices)));
+                tasks.push(tokio::spawn(poll_queue(
+                    state.clone(),
+                    planes.prefill_queue.clone(),
+                    host.prefill_counters(),
+                )));
+                tasks.push(tokio::spawn(follow_thresholds(
+                    state.clone(),
+                    planes.discovery.clone(),
+                    planes.settings.namespace.clone(),
+                )));
+                metadata.insert(
+                    KV_TRANSFER_KEY.into(),
+                    serde_json::to_value(sink.descriptor()).expect("descriptors serialize"),
+                );
+                let ctx = RemoteContext {
+                    state,
+                    table,
+                    queue: planes.prefill_queue.clone(),
+                    counters: host.prefill_counters(),
+                    instance_id: std::sync::OnceLock::new(),
+                    notice_address,
+                };
+                (Some(Arc::new(ctx)), Some(sink))
+            }
+            None => (None, None),
+        };
+        let server = tokio::spawn(serve(
+            host.clone(),
+            incoming,
+            abandoned.clone(),
+            remote.clone(),
+        ));
         let kv_events = host.take_kv_events();
         let kv_state = Arc::new(Mutex::new(KvState::new(KV_RING_EVENTS)));
         // Routers that missed events ask here for them, or for a dump of the cache.
         let kv_address = format!("{address}.kv");
-        let mut metadata = serde_json::Map::new();
         let mut kv_server = None;
         if kv_events.is_some() {
             let queries = plane.serve(&kv_address).await?;
@@ -83,15 +164,17 @@ impl DecodeWorker {
             })
             .await?;
         let id = registration.instance.instance_id;
-        let mut tasks = vec![
-            server,
-            tokio::spawn(publish_load(
-                host.load_watch(),
-                planes.events.clone(),
-                planes.load_subject(),
-                id,
-            )),
-        ];
+        if let Some(remote) = &remote {
+            let _ = remote.instance_id.set(id);
+        }
+        tasks.push(server);
+        tasks.push(tokio::spawn(publish_load(
+            host.load_watch(),
+            host.prefill_counters(),
+            planes.events.clone(),
+            planes.load_subject(),
+            id,
+        )));
         tasks.extend(kv_server);
         if let Some(events) = kv_events {
             tasks.push(tokio::spawn(publish_kv_events(
@@ -104,6 +187,7 @@ impl DecodeWorker {
         }
         Ok(Self {
             host,
+            _sink: sink,
             abandoned,
             registration,
             tasks,
@@ -137,6 +221,7 @@ impl DecodeWorker {
 
 async fn publish_load(
     mut load: watch::Receiver<WorkerLoad>,
+    counters: Arc<Mutex<PrefillCounters>>,
     events: Arc<dyn EventPlane>,
     subject: String,
     instance_id: u64,
@@ -144,6 +229,7 @@ async fn publish_load(
     loop {
         let report = WorkerLoad {
             instance_id,
+            prefill: counters.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             ..load.borrow_and_update().clone()
         };
         let bytes = serde_json::to_vec(&report).expect("protocol types serialize");
@@ -206,24 +292,165 @@ async fn serve_kv_state(state: Arc<Mutex<KvState>>, mut queries: mpsc::Receiver<
     }
 }
 
+/// Reads the prefill queue's length for the rule (and the metrics), every [`QUEUE_POLL`].
+async fn poll_queue(
+    state: Arc<DisaggState>,
+    queue: Arc<dyn WorkQueue>,
+    counters: Arc<Mutex<PrefillCounters>>,
+) {
+    loop {
+        match queue.pending().await {
+            Ok(n) => {
+                state.set_queue_len(n);
+                record(&counters, |c| c.queue_length = n);
+            }
+            Err(e) => tracing::debug!("cannot read the prefill queue's length: {e}"),
+        }
+        tokio::time::sleep(QUEUE_POLL).await;
+    }
+}
+
+/// Answers prefill workers' notices, one frame each.
+async fn serve_notices(table: Arc<RemotePrefills>, mut notices: mpsc::Receiver<IncomingRequest>) {
+    while let Some(IncomingRequest {
+        payload,
+        mut response,
+    }) = notices.recv().await
+    {
+        let reply = match serde_json::from_slice::<PrefillNotice>(&payload) {
+            Ok(notice) => table.notice(notice),
+            Err(e) => NoticeReply {
+                accepted: false,
+                reason: Some(format!("malformed prefill notice: {e}")),
+            },
+        };
+        let bytes = serde_json::to_vec(&reply).expect("protocol types serialize");
+        if response.data(bytes).await.is_ok() {
+            let _ = response.end().await;
+        }
+    }
+}
+
 async fn serve(
     host: Arc<EngineHost>,
     mut incoming: mpsc::Receiver<IncomingRequest>,
     abandoned: CancellationToken,
+    remote: Option<Arc<RemoteContext>>,
 ) {
     while let Some(request) = incoming.recv().await {
-        let (host, abandoned) = (host.clone(), abandoned.clone());
+        let (host, abandoned, remote) = (host.clone(), abandoned.clone(), remote.clone());
         tokio::spawn(async move {
             tokio::select! {
                 biased;
                 _ = abandoned.cancelled() => {}
-                _ = handle(host, request) => {}
+                _ = handle(host, request, remote) => {}
             }
         });
     }
 }
 
-async fn handle(host: Arc<EngineHost>, incoming: IncomingRequest) {
+/// How a request's remote prefill ended for its task.
+enum RemoteEnd {
+    /// Tokens follow on the engine events (remote first token, or a local prefill).
+    Resume,
+    /// The client went away; the request is aborted and its blocks are free.
+    Cancelled,
+}
+
+/// Queues the prefill of `request`, whose blocks the engine reserved, and waits for it.
+async fn await_remote(
+    ctx: &RemoteContext,
+    host: &EngineHost,
+    request: &GenerateRequest,
+    block_ids: Vec<u32>,
+    cached_blocks: usize,
+    cancelled: &CancellationToken,
+) -> RemoteEnd {
+    let id = request.request_id.as_str();
+    let timeout = ctx.state.config().remote_prefill_timeout;
+    let outcome = ctx.table.open(id);
+    let job = RemotePrefillRequest {
+        request_id: id.to_string(),
+        decode_instance: ctx.instance_id.get().copied().unwrap_or(0),
+        notice_address: ctx.notice_address.clone(),
+        token_ids: request.token_ids.clone(),
+        cached_block_count: cached_blocks,
+        dst_block_ids: block_ids,
+        sampling: request.sampling.clone(),
+    };
+    let bytes = serde_json::to_vec(&job).expect("protocol types serialize");
+    let give_up = |reason: &str| {
+        record(&ctx.counters, |c| c.fallback(reason));
+    };
+    if let Err(e) = ctx.queue.enqueue(bytes).await {
+        tracing::warn!(request = id, "cannot queue the prefill, prefilling locally: {e}");
+        ctx.table.remove(id);
+        give_up("failed");
+        host.prefill_locally(id);
+        return RemoteEnd::Resume;
+    }
+    let mut outcome = outcome;
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    let mut client_gone = false;
+    // After a cancel the request only waits to free its blocks safely.
+    let finish = |client_gone: bool, local: bool| {
+        if client_gone {
+            host.abort(id);
+            RemoteEnd::Cancelled
+        } else {
+            if local {
+                host.prefill_locally(id);
+            }
+            RemoteEnd::Resume
+        }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancelled.cancelled(), if !client_gone => {
+                if ctx.table.cancel(id) {
+                    host.abort(id);
+                    return RemoteEnd::Cancelled;
+                }
+                client_gone = true;
+            }
+            got = &mut outcome => {
+                return match got {
+                    Ok(Outcome::Done { first, backend, bytes, seconds }) => {
+                        record(&ctx.counters, |c| c.record_transfer(&backend, bytes, seconds));
+                        if !client_gone {
+                            host.complete_remote(id, first);
+                        }
+                        finish(client_gone, false)
+                    }
+                    Ok(Outcome::Failed(reason)) => {
+                        tracing::warn!(request = id, "remote prefill failed, prefilling locally: {reason}");
+                        give_up("failed");
+                        finish(client_gone, true)
+                    }
+                    Err(_) => {
+                        give_up("failed");
+                        finish(client_gone, true)
+                    }
+                };
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                match ctx.table.expire(id, timeout) {
+                    Expiry::Expired => {
+                        tracing::warn!(request = id, ?timeout, "no remote prefill in time, prefilling locally");
+                        give_up("timeout");
+                        return finish(client_gone, true);
+                    }
+                    Expiry::WaitUntil(at) => deadline = at.into(),
+                    // Settled by a notice just now: the outcome is ready.
+                    Expiry::Settled => deadline = tokio::time::Instant::now() + timeout,
+                }
+            }
+        }
+    }
+}
+
+async fn handle(host: Arc<EngineHost>, incoming: IncomingRequest, remote: Option<Arc<RemoteContext>>) {
     let IncomingRequest {
         payload,
         mut response,
@@ -238,6 +465,8 @@ async fn handle(host: Arc<EngineHost>, incoming: IncomingRequest) {
         }
     };
     let id = request.request_id.clone();
+    // The job of a remote prefill needs the prompt and parameters again.
+    let job_source = remote.as_ref().map(|_| request.clone());
     let (tx, mut events) = mpsc::unbounded_channel();
     if let Err(e) = host.add(request, tx) {
         let _ = response.error(e.to_string()).await;
@@ -254,6 +483,22 @@ async fn handle(host: Arc<EngineHost>, incoming: IncomingRequest) {
             event = events.recv() => event,
         };
         let sent = match event {
+            Some(EngineEvent::RemotePrefill {
+                block_ids,
+                cached_blocks,
+            }) => {
+                let (Some(ctx), Some(request)) = (&remote, &job_source) else {
+                    // Only a host started with a rule reports these; prefill here instead.
+                    host.prefill_locally(&id);
+                    continue;
+                };
+                let end =
+                    await_remote(ctx, &host, request, block_ids, cached_blocks, &cancelled).await;
+                match end {
+                    RemoteEnd::Resume => continue,
+                    RemoteEnd::Cancelled => return,
+                }
+            }
             None => {
                 let _ = response.error("the engine stopped".into()).await;
                 return;

@@ -2,6 +2,9 @@
 //! gives each engine its own KV cache over those weights.
 
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use kv_transfer::{KvLayout, KvMemory};
 
 use runtime::kv_event::KvEvent;
 use tch::{Device, Kind};
@@ -166,14 +169,14 @@ impl SharedModel {
         self.card.clone().with_max_model_len(opts.max_model_len)
     }
 
-    /// A new engine over the shared weights with its own KV cache and scheduler. `opts.kind`
-    /// and `opts.device` are the model's: the weights were placed when it was loaded.
-    pub fn engine(&self, opts: &EngineOptions) -> Result<(Engine, ModelCard)> {
+    /// The KV cache an engine built with `opts` gets: its block count from `opts.num_blocks`
+    /// or what fits in `opts.kv_cache_bytes`.
+    pub fn kv_layout(&self, opts: &EngineOptions) -> Result<KvLayout> {
         opts.check()?;
-        let card = self.card(opts);
+        let config = &self.card.config;
         let kind = self.model.kind();
         let num_blocks = opts.num_blocks.unwrap_or_else(|| {
-            let per_block = KvCache::bytes_per_block(&card.config, opts.block_size, kind);
+            let per_block = KvCache::bytes_per_block(config, opts.block_size, kind);
             (opts.kv_cache_bytes / per_block).max(1)
         });
         if num_blocks == 0 {
@@ -182,13 +185,51 @@ impl SharedModel {
                 reason: "must be positive".to_string(),
             });
         }
+        Ok(KvCache::layout(config, num_blocks, opts.block_size, kind))
+    }
+
+    /// A new engine over the shared weights with its own KV cache and scheduler. `opts.kind`
+    /// and `opts.device` are the model's: the weights were placed when it was loaded.
+    pub fn engine(&self, opts: &EngineOptions) -> Result<(Engine, ModelCard)> {
+        self.engine_in(opts, None)
+    }
+
+    /// As [`SharedModel::engine`], with the KV cache in `memory` when given (a kv-transfer
+    /// sink of [`SharedModel::kv_layout`]'s size, which prefill workers write into).
+    pub fn engine_in(
+        &self,
+        opts: &EngineOptions,
+        memory: Option<Arc<dyn KvMemory>>,
+    ) -> Result<(Engine, ModelCard)> {
+        let layout = self.kv_layout(opts)?;
+        let card = self.card(opts);
+        let kind = self.model.kind();
+        let num_blocks = layout.num_blocks;
         tracing::info!(
             num_blocks,
             block_size = opts.block_size,
             ?kind,
+            external = memory.is_some(),
             "KV cache ready"
         );
-        let executor = ModelExecutor::new(self.model.share(), num_blocks, opts.block_size);
+        let cache = match memory {
+            Some(memory) => KvCache::in_memory(
+                &card.config,
+                num_blocks,
+                opts.block_size,
+                kind,
+                self.model.device(),
+                memory,
+            )?,
+            None => KvCache::new(
+                &card.config,
+                num_blocks,
+                opts.block_size,
+                kind,
+                self.model.device(),
+            ),
+        };
+        let executor = ModelExecutor::with_cache(self.model.share(), cache);
         let config = EngineConfig {
             max_num_seqs: opts.max_num_seqs,
             max_num_batched_tokens: opts.max_num_batched_tokens,

@@ -53,6 +53,14 @@ pub enum RequestOutput {
         reason: FinishReason,
         usage: PromptUsage,
     },
+    /// A prefill-only request computed its prompt and sampled its first token; its blocks
+    /// (`block_ids`, in sequence order) stay held until [`Engine::abort`] releases them.
+    Prefilled {
+        request_id: String,
+        token: SampledToken,
+        block_ids: Vec<u32>,
+        usage: PromptUsage,
+    },
     /// The step that ran it failed; the request is gone from the engine, its blocks free.
     Failed {
         request_id: String,
@@ -73,6 +81,7 @@ impl RequestOutput {
         match self {
             RequestOutput::Tokens { request_id, .. }
             | RequestOutput::Finished { request_id, .. }
+            | RequestOutput::Prefilled { request_id, .. }
             | RequestOutput::Failed { request_id, .. } => request_id,
         }
     }
@@ -81,6 +90,7 @@ impl RequestOutput {
     pub fn tokens(&self) -> &[SampledToken] {
         match self {
             RequestOutput::Tokens { tokens, .. } | RequestOutput::Finished { tokens, .. } => tokens,
+            RequestOutput::Prefilled { token, .. } => std::slice::from_ref(token),
             RequestOutput::Failed { .. } => &[],
         }
     }
@@ -88,9 +98,9 @@ impl RequestOutput {
     /// Prompt and cached-token counts (none for a failure).
     pub fn usage(&self) -> Option<PromptUsage> {
         match self {
-            RequestOutput::Tokens { usage, .. } | RequestOutput::Finished { usage, .. } => {
-                Some(*usage)
-            }
+            RequestOutput::Tokens { usage, .. }
+            | RequestOutput::Finished { usage, .. }
+            | RequestOutput::Prefilled { usage, .. } => Some(*usage),
             RequestOutput::Failed { .. } => None,
         }
     }
@@ -102,7 +112,8 @@ impl RequestOutput {
         }
     }
 
-    /// Whether the request is over (finished or failed).
+    /// Whether the request is over (finished or failed; a prefill-only request once its
+    /// prompt is computed).
     pub fn is_final(&self) -> bool {
         !matches!(self, RequestOutput::Tokens { .. })
     }
@@ -215,6 +226,7 @@ impl Engine {
             status,
             cached_prompt_tokens: None,
             cumulative_logprob: 0.0,
+            prefill_only: false,
         }
     }
 
@@ -224,6 +236,44 @@ impl Engine {
         let seq = self.new_sequence(req, SeqStatus::Waiting);
         self.scheduler.add(seq);
         Ok(())
+    }
+
+    /// A prefill worker's job: compute the prompt, sample the first token as `req.params` would
+    /// (min_tokens suppression included), then report [`RequestOutput::Prefilled`] and hold the
+    /// blocks until [`Engine::abort`]. Only the prompt must fit this engine's context.
+    pub fn add_prefill_request(&mut self, mut req: Request) -> Result<(), AdmissionError> {
+        req.params.min_tokens = req.params.min_tokens.min(1);
+        req.params.max_tokens = 1;
+        self.validate(&req)?;
+        let mut seq = self.new_sequence(req, SeqStatus::Waiting);
+        seq.prefill_only = true;
+        self.scheduler.add(seq);
+        Ok(())
+    }
+
+    /// Whether a step has anything to run (requests waiting for a remote prefill or held after
+    /// a prefill do not count).
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    /// Prompt tokens the prefix cache holds for `tokens` now (full blocks, at least one token
+    /// left to compute): the `prefix_hit_len` of the disaggregation rule. No side effects.
+    pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
+        if self.config.enable_prefix_caching {
+            self.scheduler.blocks.cached_prefix_len(tokens)
+        } else {
+            0
+        }
+    }
+
+    /// Gives up on a remote prefill: the reserved blocks are freed and the request prefills in
+    /// this engine's batch (ahead of later arrivals). False if it was not waiting for one.
+    pub fn prefill_locally(&mut self, request_id: &str) -> bool {
+        match self.ids.get(request_id) {
+            Some(&id) => self.scheduler.prefill_locally(id),
+            None => false,
+        }
     }
 
     /// Cancels a request wherever it is; its KV blocks are free when this returns.
@@ -306,6 +356,9 @@ impl Engine {
             return Err(EngineError::NotAwaitingPrefill(request_id.to_string()));
         }
         seq.num_computed = seq.prompt_len;
+        if !seq.params.is_greedy() {
+            seq.rng.skip_draw();
+        }
         self.scheduler.blocks.commit(id, &seq.tokens)?;
         self.scheduler.start_running(id);
         Ok(self.append_token(id, first))
@@ -315,6 +368,11 @@ impl Engine {
     pub fn block_table(&self, request_id: &str) -> Option<Vec<u32>> {
         let id = self.ids.get(request_id)?;
         self.scheduler.blocks.block_table(*id).map(<[u32]>::to_vec)
+    }
+
+    /// Tokens per KV block.
+    pub fn block_size(&self) -> usize {
+        self.executor.block_size()
     }
 
     /// Bytes of one KV block over every layer: the unit [`Engine::read_kv_blocks`] hands out.
@@ -440,6 +498,26 @@ impl Engine {
 
     fn append_token(&mut self, id: SeqId, tok: SampledToken) -> RequestOutput {
         let seq = self.scheduler.seqs.get_mut(&id).expect("sequence exists");
+        if seq.prefill_only {
+            let request_id = seq.request_id.clone();
+            let usage = PromptUsage {
+                prompt_tokens: seq.prompt_len,
+                cached_tokens: seq.cached_prompt_tokens.unwrap_or(0),
+            };
+            self.scheduler.hold(id);
+            let block_ids = self
+                .scheduler
+                .blocks
+                .block_table(id)
+                .unwrap_or(&[])
+                .to_vec();
+            return RequestOutput::Prefilled {
+                request_id,
+                token: tok,
+                block_ids,
+                usage,
+            };
+        }
         seq.tokens.push(tok.token);
         seq.cumulative_logprob += tok.logprob as f64;
         let out_len = seq.output().len();

@@ -51,6 +51,11 @@ impl ModelExecutor {
         ModelExecutor { model, cache }
     }
 
+    /// Over a cache built elsewhere (say, in a kv-transfer sink's memory).
+    pub fn with_cache(model: Llama, cache: KvCache) -> Self {
+        ModelExecutor { model, cache }
+    }
+
     pub fn model(&self) -> &Llama {
         &self.model
     }

@@ -53,7 +53,7 @@ impl Scheduler {
         match seq.status {
             SeqStatus::Waiting => self.waiting.push_back(id),
             SeqStatus::Running => self.running.push(id),
-            SeqStatus::RemotePrefill => {}
+            SeqStatus::RemotePrefill | SeqStatus::Held => {}
         }
         self.seqs.insert(id, seq);
     }
@@ -64,6 +64,33 @@ impl Scheduler {
             seq.status = SeqStatus::Running;
             self.running.push(id);
         }
+    }
+
+    /// Takes a running sequence out of the batch and keeps its blocks (a finished prefill-only
+    /// sequence whose KV is still to be read out).
+    pub fn hold(&mut self, id: SeqId) {
+        self.running.retain(|&s| s != id);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.status = SeqStatus::Held;
+        }
+    }
+
+    /// A sequence that was waiting for a remote prefill computes its prompt here after all:
+    /// its reserved blocks are freed and it queues ahead of new arrivals, as a preempted one.
+    pub fn prefill_locally(&mut self, id: SeqId) -> bool {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return false;
+        };
+        if seq.status != SeqStatus::RemotePrefill {
+            return false;
+        }
+        seq.status = SeqStatus::Waiting;
+        seq.num_computed = 0;
+        // What usage reports is decided again at admission.
+        seq.cached_prompt_tokens = None;
+        self.blocks.free(id);
+        self.waiting.push_front(id);
+        true
     }
 
     /// Drops a sequence wherever it is and frees its blocks at once.

@@ -10,6 +10,9 @@ pub enum SeqStatus {
     Running,
     /// Blocks allocated; KV being filled by a prefill worker.
     RemotePrefill,
+    /// Prefill-only: computed and its first token sampled; blocks kept until released, so the
+    /// prefill worker can read them out.
+    Held,
 }
 
 pub struct Sequence {
@@ -27,6 +30,8 @@ pub struct Sequence {
     pub cached_prompt_tokens: Option<usize>,
     /// Sum of the sampled tokens' logprobs.
     pub cumulative_logprob: f64,
+    /// A prefill worker's job: stop after the prompt and hold the blocks.
+    pub prefill_only: bool,
 }
 
 impl Sequence {

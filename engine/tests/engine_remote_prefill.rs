@@ -223,3 +223,95 @@ fn a_second_engine_filled_with_the_first_engines_kv_decodes_the_same_tokens() {
         Err(EngineError::NoSuchBlock { block: 256, .. })
     ));
 }
+
+/// What a prefill worker does: a prefill-only request, its blocks read out while held.
+fn prefill_elsewhere(
+    p: &[u32],
+    params: &engine::SamplingParams,
+) -> (engine::SampledToken, Vec<Vec<u8>>) {
+    let mut prefill = tiny_engine(options());
+    prefill
+        .add_prefill_request(request("job", p.to_vec(), params.clone()))
+        .expect("accepted");
+    let mut outputs = Vec::new();
+    while outputs.is_empty() {
+        outputs = prefill.step().expect("prefill steps");
+    }
+    let RequestOutput::Prefilled {
+        token, block_ids, ..
+    } = outputs.remove(0)
+    else {
+        panic!("expected Prefilled");
+    };
+    assert_eq!(block_ids.len(), p.len().div_ceil(BLOCK_SIZE));
+    assert!(prefill.has_unfinished(), "held until released");
+    assert!(!prefill.has_work(), "a held request is not stepped");
+    assert!(prefill.step().expect("idle step").is_empty());
+    let kv = prefill.read_kv_blocks(&block_ids).expect("read");
+    assert!(prefill.abort("job"), "released");
+    assert_idle(&prefill, "after the prefill worker released its job");
+    (token, kv)
+}
+
+#[test]
+fn prefill_only_then_transfer_decodes_what_an_aggregated_run_does_greedy_and_seeded() {
+    let p = prompt(60, 11);
+    let seeded = engine::SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(7),
+        ignore_eos: true,
+        ..engine::SamplingParams::greedy(8)
+    };
+    for params in [fixed_length(8), seeded] {
+        let reference = run_one(&mut tiny_engine(options()), p.clone(), params.clone()).tokens;
+        let (first, kv) = prefill_elsewhere(&p, &params);
+        assert_eq!(first.token, reference[0], "the prefill worker's first token");
+
+        let mut decode = tiny_engine(options());
+        let slot = decode
+            .add_remote_prefill_request(request("r", p.clone(), params.clone()))
+            .expect("accepted");
+        decode.write_kv_blocks(&slot.block_ids, &kv).expect("written");
+        let resumed = decode.complete_remote_prefill("r", first).expect("completes");
+        assert_eq!(
+            tokens_after(&mut decode, "r", &resumed),
+            reference,
+            "{params:?}"
+        );
+        assert_idle(&decode, "after the disaggregated request");
+    }
+}
+
+#[test]
+fn a_remote_prefill_given_up_on_prefills_locally_with_the_same_tokens() {
+    let p = prompt(61, 10);
+    let reference = run_one(&mut tiny_engine(options()), p.clone(), fixed_length(5)).tokens;
+    let mut engine = tiny_engine(options());
+    assert!(!engine.prefill_locally("nobody"));
+    let slot = engine
+        .add_remote_prefill_request(request("r", p.clone(), fixed_length(5)))
+        .expect("accepted");
+    assert_eq!(engine.stats().kv_blocks_used, slot.block_ids.len());
+    assert!(!engine.has_work(), "waiting for the remote prefill");
+    assert!(engine.prefill_locally("r"));
+    assert_eq!(engine.stats().kv_blocks_used, 0, "reservation freed");
+    assert!(!engine.prefill_locally("r"), "only once");
+    assert!(engine.has_work());
+    let out = collect(&engine.run_to_completion().expect("runs"));
+    assert_eq!(out["r"].tokens, reference);
+    // A completion arriving after the fallback is refused.
+    assert!(engine.complete_remote_prefill("r", token(3)).is_err());
+    assert_idle(&engine, "after the local fallback");
+}
+
+#[test]
+fn the_cached_prefix_seen_by_the_disaggregation_rule_has_no_side_effects() {
+    let mut engine = tiny_engine(options());
+    let p = prompt(62, 13);
+    assert_eq!(engine.cached_prefix_len(&p), 0);
+    run_one(&mut engine, p.clone(), fixed_length(2));
+    let before = engine.stats();
+    assert_eq!(engine.cached_prefix_len(&p), 12, "three full blocks of 4");
+    assert_eq!(engine.stats().prefix_query_tokens, before.prefix_query_tokens);
+}

@@ -7,6 +7,7 @@
 pub mod error;
 pub mod generation;
 pub mod metrics;
+mod prefill_metrics;
 pub mod protocol;
 mod routes;
 pub mod server;
@@ -16,4 +17,4 @@ pub use error::ApiError;
 pub use metrics::Metrics;
 pub use routes::app;
 pub use server::{bind, serve, ServeError};
-pub use state::{AppState, FrontendConfig};
+pub use state::{AdminSettings, AppState, FrontendConfig};

@@ -63,6 +63,7 @@ pub struct Metrics {
     waiting_sequences: Gauge,
     prefix_cache_hit_rate: Gauge<f64, AtomicU64>,
     workers: Gauge,
+    prefill: crate::prefill_metrics::PrefillMetrics,
 }
 
 /// Holds one in-flight request: the gauge went up when it was made and goes down on drop.
@@ -101,6 +102,7 @@ impl Metrics {
             waiting_sequences: Gauge::default(),
             prefix_cache_hit_rate: Gauge::default(),
             workers: Gauge::default(),
+            prefill: Default::default(),
             registry: Registry::default(),
         };
         let registry = &mut m.registry;
@@ -170,6 +172,7 @@ impl Metrics {
             "Workers reporting their load",
             m.workers.clone(),
         );
+        m.prefill.register(registry);
         extra(registry);
         m
     }
@@ -236,6 +239,7 @@ impl Metrics {
         };
         self.prefix_cache_hit_rate.set(rate);
         self.workers.set(gauge(loads.len() as u64));
+        self.prefill.set(loads);
     }
 
     /// The OpenMetrics text exposition of every metric, ending in `# EOF`.

@@ -38,7 +38,14 @@ impl Default for FrontendConfig {
     }
 }
 
+/// Where the admin endpoint writes graph settings (the decode workers watch them).
+pub struct AdminSettings {
+    pub discovery: Arc<dyn runtime::discovery::Discovery>,
+    pub namespace: String,
+}
+
 pub struct AppState {
+    pub admin: Option<AdminSettings>,
     pub model: Arc<ServedModel>,
     pub router: Arc<Router>,
     pub metrics: Metrics,
@@ -52,6 +59,7 @@ impl AppState {
     pub fn new(model: Arc<ServedModel>, router: Arc<Router>, config: FrontendConfig) -> Self {
         let metrics = Metrics::new(|registry| router.metrics().register(registry));
         Self {
+            admin: None,
             model,
             router,
             metrics,
@@ -59,6 +67,12 @@ impl AppState {
             config,
             abort_streams: CancellationToken::new(),
         }
+    }
+
+    /// Serves `/admin/*` over these settings.
+    pub fn with_admin(mut self, admin: AdminSettings) -> Self {
+        self.admin = Some(admin);
+        self
     }
 
     /// A slot for one request, held until its response is complete.

@@ -44,6 +44,12 @@ impl SequenceRng {
     fn uniform(&mut self) -> f64 {
         self.0.random::<f64>()
     }
+
+    /// Consumes the number a sampled step elsewhere (a prefill worker's first token) drew, so
+    /// the rest of the stream matches the one an aggregated run would have used.
+    pub fn skip_draw(&mut self) {
+        self.uniform();
+    }
 }
 
 /// What [`sample`] needs to know about one sequence for one step.

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, LeaseGrantOptions, PutOptions, WatchOptions,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -170,6 +170,125 @@ impl Discovery for EtcdDiscovery {
         };
         tokio::spawn(watcher.run(revision + 1));
         Ok((now, rx))
+    }
+
+    async fn put_setting(&self, key: &str, value: serde_json::Value) -> Result<()> {
+        let mut client = self.client.clone();
+        let bytes = serde_json::to_vec(&value).expect("JSON values serialize");
+        client
+            .put(key, bytes, None)
+            .await
+            .map_err(|e| self.failed("put", &e))?;
+        Ok(())
+    }
+
+    async fn watch_setting(&self, key: &str) -> Result<watch::Receiver<Option<serde_json::Value>>> {
+        if self.shutdown.is_cancelled() {
+            return Err(DiscoveryError::ShutDown);
+        }
+        let mut client = self.client.clone();
+        let resp = client
+            .get(key, None)
+            .await
+            .map_err(|e| self.failed("get", &e))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let (tx, rx) = watch::channel(None);
+        let watcher = SettingWatcher {
+            client,
+            key: key.to_string(),
+            tx,
+            shutdown: self.shutdown.clone(),
+        };
+        if let Some(kv) = resp.kvs().first() {
+            let v = watcher.parse(kv.value());
+            watcher.tx.send_replace(v);
+        }
+        tokio::spawn(watcher.run(revision + 1));
+        Ok(rx)
+    }
+}
+
+/// Follows one setting key: read, watch from the read's revision, and read again after any
+/// failure, so a restarted etcd is followed without the consumer noticing.
+struct SettingWatcher {
+    client: Client,
+    key: String,
+    tx: watch::Sender<Option<serde_json::Value>>,
+    shutdown: CancellationToken,
+}
+
+impl SettingWatcher {
+    fn parse(&self, value: &[u8]) -> Option<serde_json::Value> {
+        match serde_json::from_slice(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                warn!(key = %self.key, "ignoring a setting that is not JSON: {e}");
+                None
+            }
+        }
+    }
+
+    async fn run(self, mut from_revision: i64) {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let followed = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return,
+                _ = self.tx.closed() => return,
+                f = self.follow(from_revision) => f,
+            };
+            if let Err(why) = followed {
+                debug!(key = %self.key, "etcd setting watch lost: {why}");
+            }
+            loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                let mut client = self.client.clone();
+                if let Ok(resp) = client.get(self.key.as_str(), None).await {
+                    if let Some(kv) = resp.kvs().first() {
+                        if let Some(v) = self.parse(kv.value()) {
+                            self.tx.send_if_modified(|old| {
+                                let changed = old.as_ref() != Some(&v);
+                                *old = Some(v);
+                                changed
+                            });
+                        }
+                    }
+                    from_revision = resp.header().map_or(0, |h| h.revision()) + 1;
+                    backoff = FIRST_BACKOFF;
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn follow(&self, revision: i64) -> std::result::Result<(), String> {
+        let options = WatchOptions::new().with_start_revision(revision);
+        let mut stream = self
+            .client
+            .clone()
+            .watch(self.key.as_str(), Some(options))
+            .await
+            .map_err(|e| describe(&e))?;
+        loop {
+            let Some(resp) = stream.message().await.map_err(|e| describe(&e))? else {
+                return Err("watch stream closed".into());
+            };
+            if resp.canceled() {
+                return Err(format!("watch canceled by etcd ({})", resp.cancel_reason()));
+            }
+            for event in resp.events() {
+                if event.event_type() != EventType::Put {
+                    continue;
+                }
+                if let Some(v) = event.kv().and_then(|kv| self.parse(kv.value())) {
+                    self.tx.send_replace(Some(v));
+                }
+            }
+        }
     }
 }
 

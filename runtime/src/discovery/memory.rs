@@ -1,11 +1,11 @@
 //! In-process discovery: a map guarded by a mutex, watchers fed through channels. Dropping a
 //! `Registration` plays the part of a lost lease.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{Discovery, DiscoveryEvent, EndpointId, Instance, InstanceSpec, Registration, Result};
 
@@ -14,6 +14,7 @@ struct State {
     next_id: u64,
     instances: BTreeMap<String, Instance>,
     watchers: Vec<(EndpointId, mpsc::UnboundedSender<DiscoveryEvent>)>,
+    settings: HashMap<String, watch::Sender<Option<serde_json::Value>>>,
 }
 
 impl State {
@@ -100,6 +101,25 @@ impl Discovery for MemoryDiscovery {
         let (tx, rx) = mpsc::unbounded_channel();
         state.watchers.push((endpoint.clone(), tx));
         Ok((now, rx))
+    }
+
+    async fn put_setting(&self, key: &str, value: serde_json::Value) -> Result<()> {
+        let mut state = self.lock();
+        let setting = state
+            .settings
+            .entry(key.to_string())
+            .or_insert_with(|| watch::channel(None).0);
+        setting.send_replace(Some(value));
+        Ok(())
+    }
+
+    async fn watch_setting(&self, key: &str) -> Result<watch::Receiver<Option<serde_json::Value>>> {
+        let mut state = self.lock();
+        let setting = state
+            .settings
+            .entry(key.to_string())
+            .or_insert_with(|| watch::channel(None).0);
+        Ok(setting.subscribe())
     }
 }
 

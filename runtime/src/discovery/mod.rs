@@ -9,7 +9,7 @@ pub mod memory;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 #[cfg(feature = "network")]
 pub use etcd::EtcdDiscovery;
@@ -118,4 +118,23 @@ pub trait Discovery: Send + Sync {
         &self,
         endpoint: &EndpointId,
     ) -> Result<(Vec<Instance>, mpsc::UnboundedReceiver<DiscoveryEvent>)>;
+
+    /// Stores a graph-wide setting (no lease: it outlives whoever wrote it) under `key`
+    /// ([`setting_key`]).
+    async fn put_setting(&self, key: &str, value: serde_json::Value) -> Result<()>;
+
+    /// The setting's value now (`None` when unset) and, through the receiver, every later put;
+    /// the watch resumes by itself after the backend reconnects.
+    async fn watch_setting(&self, key: &str) -> Result<watch::Receiver<Option<serde_json::Value>>>;
+}
+
+/// Where decode workers of `namespace` register (DESIGN.md §2); prefill workers find their
+/// KV descriptors there.
+pub fn decode_worker_endpoint(namespace: &str) -> EndpointId {
+    EndpointId::new(namespace, "decode-worker", "generate")
+}
+
+/// Where graph-wide settings live: `baton/{namespace}/settings/{name}`.
+pub fn setting_key(namespace: &str, name: &str) -> String {
+    format!("baton/{namespace}/settings/{name}")
 }

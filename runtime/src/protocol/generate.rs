@@ -83,6 +83,9 @@ pub struct WorkerLoad {
     /// Prompt tokens found in the prefix cache, and prompt tokens looked up, since start.
     pub prefix_hit_tokens: u64,
     pub prefix_query_tokens: u64,
+    /// Where its prefills ran, since start (zero when it never disaggregates).
+    #[serde(default)]
+    pub prefill: crate::protocol::prefill::PrefillCounters,
 }
 
 #[cfg(test)]

@@ -1,0 +1,102 @@
+//! Shared-memory backend: the decode worker's cache *is* a `/dev/shm` file, mapped
+//! `MAP_SHARED` by the sink (and so by the engine's tensors) and by each same-host prefill
+//! worker, so a write is a plain copy into the writer's own mapping of the same pages.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+use crate::memory::HostMemory;
+
+const SHM_DIR: &str = "/dev/shm";
+const PREFIX: &str = "baton-kv-";
+
+fn shm_err(path: &Path, reason: impl ToString) -> TransferError {
+    TransferError::Shm {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The sink's file; unlinked when the sink drops. Mappings made before (the engine's, writers')
+/// stay valid: the pages go away with the last of them.
+pub(crate) struct ShmFile {
+    path: PathBuf,
+}
+
+impl ShmFile {
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ShmFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not unlink the KV shm file");
+        }
+    }
+}
+
+/// Creates a fresh zero-filled file of `len` bytes and maps it.
+pub(crate) fn create(len: usize) -> Result<(HostMemory, ShmFile), TransferError> {
+    let name = format!("{PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>());
+    let path = Path::new(SHM_DIR).join(name);
+    // create_new: a name clash must never make two sinks share a cache.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| shm_err(&path, format!("create: {e}")))?;
+    // From here on the guard unlinks the file if anything below fails.
+    let guard = ShmFile { path };
+    // A tmpfs file grows sparse and reads as zeros: the cache starts zeroed without a pass.
+    file.set_len(len as u64)
+        .map_err(|e| shm_err(&guard.path, format!("set length {len}: {e}")))?;
+    // SAFETY: the file is ours alone (fresh unique name, mode 0600) and keeps its length for
+    // the sink's lifetime, so the mapping cannot be truncated under the engine (no SIGBUS).
+    let map = unsafe { MmapMut::map_mut(&file) }
+        .map_err(|e| shm_err(&guard.path, format!("mmap {len} bytes: {e}")))?;
+    Ok((HostMemory::from_mapping(map), guard))
+}
+
+/// A writer's mapping of a sink's file, after checking it is one (name) of the right size.
+pub(crate) fn open(path: &str, layout: &KvLayout) -> Result<HostMemory, TransferError> {
+    let path = Path::new(path);
+    // The path comes from discovery: map nothing but a Baton KV file, never e.g. /etc/...
+    let is_ours = path.parent() == Some(Path::new(SHM_DIR))
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(PREFIX));
+    if !is_ours {
+        return Err(shm_err(path, format!("not a Baton KV segment (`{SHM_DIR}/{PREFIX}*`)")));
+    }
+    let expected = layout.checked_total_bytes()?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| shm_err(path, format!("open: {e}")))?;
+    let actual = file
+        .metadata()
+        .map_err(|e| shm_err(path, format!("stat: {e}")))?
+        .len();
+    if actual != expected as u64 {
+        return Err(shm_err(
+            path,
+            format!("the file holds {actual} bytes but the descriptor's layout needs {expected}"),
+        ));
+    }
+    // SAFETY: the sink owning the file keeps its length fixed; should it exit, the file is
+    // unlinked but the pages stay until this mapping goes too. Only a foreign process
+    // truncating the 0600 file could fault us, which this crate never does.
+    let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| shm_err(path, format!("mmap: {e}")))?;
+    Ok(HostMemory::from_mapping(map))
+}

@@ -1,0 +1,373 @@
+//! TCP backend: a KV server in the decode worker writes framed blocks from any host straight
+//! into the cache memory, and a writer in the prefill worker that keeps one connection open.
+//!
+//! # Wire format (little-endian throughout)
+//! A connection carries any number of request/reply exchanges, one at a time.
+//!
+//! Request:
+//! ```text
+//! magic        4 bytes   "BKV1"
+//! n_blocks     u32       blocks in this request, at most the cache's num_blocks
+//! block_bytes  u64       bytes per block; must equal the server layout's block_bytes()
+//! block_ids    n × u32   destination block ids, each < num_blocks
+//! payload      n × block_bytes   block i for block_ids[i]: layer 0's chunk, layer 1's, ...
+//! ```
+//! Reply: `[0u8][bytes written u64]`, or `[1u8][len u32][len bytes of UTF-8 message]` after
+//! which the server closes the connection.
+//!
+//! The whole header — every destination id and the block size — comes before any payload, so
+//! the server validates a request completely before a single byte lands in the cache, and a
+//! garbage frame only costs the connection it came on. The payload is then read with
+//! `read_exact` directly into each layer chunk's place in the cache (no staging buffer): one
+//! kernel copy from the socket into the destination. A client dying mid-payload leaves its
+//! reserved blocks partly written, which is harmless: without a reply the prefill worker never
+//! sends `PrefillDone`, and the decode worker prefills those blocks itself after its timeout.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Mutex;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::descriptor::TransferBackend;
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+use crate::memory::{checked_len, layer_chunk_mut, KvMemory, MemoryLocation};
+use crate::transfer::KvTransfer;
+
+const MAGIC: [u8; 4] = *b"BKV1";
+const HEADER_BYTES: usize = 16;
+const STATUS_OK: u8 = 0;
+const STATUS_ERR: u8 = 1;
+/// Socket buffers for bulk KV: a few MB in flight keeps loopback and LAN links busy while the
+/// receiver is copying. (The kernel caps it at `net.core.{r,w}mem_max`.)
+const SOCKET_BUFFER: u32 = 4 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An error reply longer than this is not a Baton KV server talking.
+const MAX_ERROR_LEN: u32 = 64 << 10;
+
+fn tcp_err(addr: impl ToString, reason: impl ToString) -> TransferError {
+    TransferError::Tcp {
+        addr: addr.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+struct Shared {
+    memory: Arc<dyn KvMemory>,
+    layout: KvLayout,
+    received: Arc<AtomicU64>,
+}
+
+/// The KV server of a sink; stops accepting, and drops its connections, when dropped.
+pub(crate) struct TcpServer {
+    addr: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+impl TcpServer {
+    pub(crate) async fn start(
+        memory: Arc<dyn KvMemory>,
+        layout: KvLayout,
+        host: IpAddr,
+        received: Arc<AtomicU64>,
+    ) -> Result<TcpServer, TransferError> {
+        checked_len(&layout, &*memory)?;
+        if memory.location() != MemoryLocation::Host {
+            return Err(TransferError::NotHostMemory(memory.location()));
+        }
+        let want = SocketAddr::new(host, 0);
+        let err = |what: &str, e: io::Error| tcp_err(want, format!("{what}: {e}"));
+        let socket = match host {
+            IpAddr::V4(_) => TcpSocket::new_v4(),
+            IpAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(|e| err("socket", e))?;
+        // Accepted sockets inherit the receive buffer; it must be set before listen.
+        socket
+            .set_recv_buffer_size(SOCKET_BUFFER)
+            .map_err(|e| err("SO_RCVBUF", e))?;
+        socket.bind(want).map_err(|e| err("bind", e))?;
+        let listener = socket.listen(1024).map_err(|e| err("listen", e))?;
+        let addr = listener.local_addr().map_err(|e| err("local address", e))?;
+        let shared = Arc::new(Shared {
+            memory,
+            layout,
+            received,
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared));
+        Ok(TcpServer { addr, accept })
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        // Aborting the accept loop drops its JoinSet, which aborts every connection task.
+        self.accept.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(serve_connection(stream, peer, shared.clone()));
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "KV server: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Why a request was not served.
+enum ServeError {
+    /// The peer sent something no writer of this crate sends: tell it, then hang up.
+    Frame(String),
+    Io(io::Error),
+}
+
+impl From<io::Error> for ServeError {
+    fn from(e: io::Error) -> Self {
+        ServeError::Io(e)
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    loop {
+        match serve_request(&mut stream, &shared).await {
+            Ok(None) => return,
+            Ok(Some(bytes)) => {
+                shared.received.fetch_add(bytes, Ordering::Relaxed);
+                let mut reply = [0u8; 9];
+                reply[0] = STATUS_OK;
+                reply[1..].copy_from_slice(&bytes.to_le_bytes());
+                if stream.write_all(&reply).await.is_err() {
+                    return;
+                }
+            }
+            Err(ServeError::Frame(message)) => {
+                tracing::warn!(%peer, %message, "KV server: refused a request");
+                let mut reply = vec![STATUS_ERR];
+                reply.extend_from_slice(&(message.len() as u32).to_le_bytes());
+                reply.extend_from_slice(message.as_bytes());
+                let _ = stream.write_all(&reply).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Err(ServeError::Io(e)) => {
+                tracing::debug!(%peer, error = %e, "KV server: connection ended");
+                return;
+            }
+        }
+    }
+}
+
+/// Reads one request into the cache. `Ok(None)`: the peer closed between requests.
+async fn serve_request(stream: &mut TcpStream, shared: &Shared) -> Result<Option<u64>, ServeError> {
+    let layout = &shared.layout;
+    let mut header = [0u8; HEADER_BYTES];
+    let first = stream.read(&mut header).await?;
+    if first == 0 {
+        return Ok(None);
+    }
+    stream.read_exact(&mut header[first..]).await?;
+    if header[..4] != MAGIC {
+        return Err(ServeError::Frame(format!(
+            "bad magic {:02x?}, expected {:02x?} (\"BKV1\")",
+            &header[..4],
+            MAGIC
+        )));
+    }
+    let n_blocks = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+    let block_bytes = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    if n_blocks > layout.num_blocks {
+        return Err(ServeError::Frame(format!(
+            "`n_blocks` {n_blocks} exceeds the cache's {} blocks",
+            layout.num_blocks
+        )));
+    }
+    if block_bytes != layout.block_bytes() as u64 {
+        return Err(ServeError::Frame(format!(
+            "`block_bytes` {block_bytes} differs from the layout's {}",
+            layout.block_bytes()
+        )));
+    }
+    let mut raw_ids = vec![0u8; 4 * n_blocks];
+    stream.read_exact(&mut raw_ids).await?;
+    let ids: Vec<usize> = raw_ids
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        .collect();
+    if let Some(&bad) = ids.iter().find(|&&id| id >= layout.num_blocks) {
+        return Err(ServeError::Frame(format!(
+            "block id {bad} is outside the cache of {} blocks",
+            layout.num_blocks
+        )));
+    }
+    for &block in &ids {
+        for layer in 0..layout.num_layers {
+            // SAFETY: `start` checked the layout against the memory, `block` and `layer` are in
+            // range (checked above), and the destination block is reserved for this request
+            // (aliasing invariant, memory.rs) — nothing else touches the range meanwhile.
+            let chunk = unsafe { layer_chunk_mut(&*shared.memory, layout, layer, block) };
+            stream.read_exact(chunk).await?;
+        }
+    }
+    Ok(Some(ids.len() as u64 * block_bytes))
+}
+
+/// The prefill worker's side: one kept-open connection, re-dialled once when it fails.
+pub(crate) struct TcpWriter {
+    addr: String,
+    layout: KvLayout,
+    /// `None` while disconnected — and while an exchange is in flight: the stream is taken out
+    /// so a write cancelled mid-payload drops (closes) it, instead of leaving a half-sent frame
+    /// for the next write to continue as if it were payload.
+    conn: Mutex<Option<TcpStream>>,
+}
+
+impl TcpWriter {
+    pub(crate) async fn connect(addr: &str, layout: KvLayout) -> Result<TcpWriter, TransferError> {
+        let stream = dial(addr).await?;
+        Ok(TcpWriter {
+            addr: addr.to_string(),
+            layout,
+            conn: Mutex::new(Some(stream)),
+        })
+    }
+
+    async fn send(&self, conn: &mut Option<TcpStream>, ids: &[u32], blocks: &[Vec<u8>]) -> Result<u64, TransferError> {
+        for attempt in 0..2 {
+            let mut stream = match conn.take() {
+                Some(stream) => stream,
+                None => dial(&self.addr).await?,
+            };
+            match exchange(&mut stream, &self.layout, ids, blocks).await {
+                Ok(bytes) => {
+                    *conn = Some(stream);
+                    return Ok(bytes);
+                }
+                Err(Exchange::Refused(message)) => {
+                    return Err(tcp_err(&self.addr, format!("the KV server refused the write: {message}")));
+                }
+                // Rewriting the same bytes to the same blocks is harmless, so one retry on a
+                // fresh connection covers a server that restarted or dropped an idle link.
+                Err(Exchange::Io(e)) if attempt == 0 => {
+                    tracing::debug!(addr = %self.addr, error = %e, "KV write failed; reconnecting");
+                }
+                Err(Exchange::Io(e)) => return Err(tcp_err(&self.addr, e)),
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+}
+
+async fn dial(addr: &str) -> Result<TcpStream, TransferError> {
+    let target = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| tcp_err(addr, format!("resolve: {e}")))?
+        .next()
+        .ok_or_else(|| tcp_err(addr, "resolves to no address"))?;
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| tcp_err(addr, format!("socket: {e}")))?;
+    socket
+        .set_send_buffer_size(SOCKET_BUFFER)
+        .map_err(|e| tcp_err(addr, format!("SO_SNDBUF: {e}")))?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target))
+        .await
+        .map_err(|_| tcp_err(addr, format!("connect timed out after {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| tcp_err(addr, format!("connect: {e}")))?;
+    // The header is small and the reply tiny: neither may wait on Nagle or a delayed ACK.
+    stream
+        .set_nodelay(true)
+        .map_err(|e| tcp_err(addr, format!("TCP_NODELAY: {e}")))?;
+    Ok(stream)
+}
+
+enum Exchange {
+    Refused(String),
+    Io(io::Error),
+}
+
+impl From<io::Error> for Exchange {
+    fn from(e: io::Error) -> Self {
+        Exchange::Io(e)
+    }
+}
+
+async fn exchange(stream: &mut TcpStream, layout: &KvLayout, ids: &[u32], blocks: &[Vec<u8>]) -> Result<u64, Exchange> {
+    let mut header = Vec::with_capacity(HEADER_BYTES + 4 * ids.len());
+    header.extend_from_slice(&MAGIC);
+    header.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+    header.extend_from_slice(&(layout.block_bytes() as u64).to_le_bytes());
+    for id in ids {
+        header.extend_from_slice(&id.to_le_bytes());
+    }
+    stream.write_all(&header).await?;
+    // Each block straight from the caller's buffer: the kernel's copy is the only one.
+    for block in blocks {
+        stream.write_all(block).await?;
+    }
+    stream.flush().await?;
+    match stream.read_u8().await? {
+        STATUS_OK => Ok(stream.read_u64_le().await?),
+        STATUS_ERR => {
+            let len = stream.read_u32_le().await?;
+            if len > MAX_ERROR_LEN {
+                return Err(Exchange::Io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("error reply of {len} bytes"),
+                )));
+            }
+            let mut message = vec![0u8; len as usize];
+            stream.read_exact(&mut message).await?;
+            Err(Exchange::Refused(String::from_utf8_lossy(&message).into_owned()))
+        }
+        other => Err(Exchange::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("reply status {other} from something that is not a Baton KV server"),
+        ))),
+    }
+}
+
+#[async_trait]
+impl KvTransfer for TcpWriter {
+    fn backend(&self) -> TransferBackend {
+        TransferBackend::Tcp
+    }
+
+    async fn write_blocks(&self, dst_blocks: &[u32], blocks: &[Vec<u8>]) -> Result<u64, TransferError> {
+        self.layout.check_write(dst_blocks, blocks)?;
+        // One writer's requests go in order on its connection.
+        let mut conn = self.conn.lock().await;
+        let mut written = 0;
+        // The server takes at most `num_blocks` ids per request (so a garbage count cannot
+        // make it allocate); longer writes go as several requests.
+        let per_request = self.layout.num_blocks.max(1);
+        for (ids, data) in dst_blocks.chunks(per_request).zip(blocks.chunks(per_request)) {
+            written += self.send(&mut conn, ids, data).await?;
+        }
+        Ok(written)
+    }
+}

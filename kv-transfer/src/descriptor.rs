@@ -1,0 +1,96 @@
+//! What a decode worker publishes in discovery so prefill workers can fill its cache.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferBackend {
+    /// Same process: a copy into the registered memory (`baton serve`).
+    Memory,
+    /// Same host: the cache is a `/dev/shm` segment the writer maps.
+    Shm,
+    /// Any host: framed block writes to the decode worker's KV server.
+    Tcp,
+    /// Same node, GPU memory: CUDA IPC handle, device copies.
+    Cuda,
+}
+
+impl TransferBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferBackend::Memory => "memory",
+            TransferBackend::Shm => "shm",
+            TransferBackend::Tcp => "tcp",
+            TransferBackend::Cuda => "cuda",
+        }
+    }
+}
+
+impl fmt::Display for TransferBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TransferBackend {
+    type Err = TransferError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "memory" | "in-process" => Ok(TransferBackend::Memory),
+            "shm" => Ok(TransferBackend::Shm),
+            "tcp" => Ok(TransferBackend::Tcp),
+            "cuda" => Ok(TransferBackend::Cuda),
+            other => Err(TransferError::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+/// One way into the cache: the backend and where (registry name, shm path, `ip:port`, or the
+/// CUDA IPC handle in hex).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEndpoint {
+    pub backend: TransferBackend,
+    pub address: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvDescriptor {
+    pub layout: KvLayout,
+    /// The decode worker's host name and process id: shm and in-process endpoints are only
+    /// usable from the same host (and process).
+    pub host: String,
+    pub pid: u32,
+    /// Preferred first.
+    pub endpoints: Vec<KvEndpoint>,
+}
+
+impl KvDescriptor {
+    /// Whether the decode worker runs on this host (shm and CUDA IPC reach it).
+    pub fn is_same_host(&self) -> bool {
+        self.host == local_host_name()
+    }
+
+    /// Whether the decode worker is this very process (its in-process registry is ours).
+    pub fn is_same_process(&self) -> bool {
+        self.pid == std::process::id() && self.is_same_host()
+    }
+}
+
+/// This machine's host name (`gethostname`), or "localhost" should the call fail.
+pub(crate) fn local_host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for `buf.len()` bytes; gethostname writes at most that.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    // POSIX leaves truncated names possibly unterminated: stop at the first NUL or the end.
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

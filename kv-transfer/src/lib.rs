@@ -1,0 +1,24 @@
+//! kv-transfer moves finished prefill KV blocks from a prefill worker into the blocks a decode
+//! worker reserved for the request (DESIGN.md §4, §6). The decode worker's KV cache lives in
+//! memory this crate allocates (a [`KvSink`]): anonymous memory for the in-process backend, a
+//! `/dev/shm` segment that a prefill worker on the same host maps, device memory for CUDA; a TCP
+//! server writes frames from other hosts into the same memory. The sink's [`KvDescriptor`]
+//! (layout and endpoints) travels through discovery; a prefill worker [`connect`]s to it — after
+//! checking that both sides agree on the layout — and gets a [`KvTransfer`] whose
+//! `write_blocks` puts whole blocks (every layer) at the destination block ids.
+
+mod backend;
+mod descriptor;
+mod error;
+mod layout;
+mod memory;
+mod registry;
+mod sink;
+mod transfer;
+
+pub use descriptor::{KvDescriptor, KvEndpoint, TransferBackend};
+pub use error::TransferError;
+pub use layout::KvLayout;
+pub use memory::{KvMemory, MemoryLocation};
+pub use sink::KvSink;
+pub use transfer::{connect, BackendChoice, KvTransfer};

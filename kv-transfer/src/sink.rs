@@ -1,0 +1,154 @@
+//! The decode worker's side: a [`KvSink`] owns the cache memory and every endpoint that
+//! serves writes into it, and describes them in a [`KvDescriptor`] for discovery.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::backend::shm::ShmFile;
+use crate::backend::tcp::TcpServer;
+use crate::backend::{cuda, shm};
+use crate::descriptor::{local_host_name, KvDescriptor, KvEndpoint, TransferBackend};
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+use crate::memory::{HostMemory, KvMemory};
+use crate::registry::{self, Registration};
+
+/// The decode worker's side: the cache memory plus whatever serves writes into it. Dropping it
+/// closes the endpoints (unregisters, unlinks the shm file, stops the TCP server); the memory
+/// itself lives on while the engine holds an `Arc` to it.
+pub struct KvSink {
+    layout: KvLayout,
+    memory: Arc<dyn KvMemory>,
+    host: String,
+    endpoints: Vec<KvEndpoint>,
+    received: Arc<AtomicU64>,
+    _registrations: Vec<Registration>,
+    _shm: Option<ShmFile>,
+    _tcp: Option<TcpServer>,
+}
+
+impl KvSink {
+    /// Allocates zeroed memory of `layout.total_bytes()` and opens an endpoint per backend, in
+    /// the order given (the descriptor's preference order). Host backends share one memory:
+    /// the shm file when `Shm` is among them, else an anonymous mapping. `Tcp` binds
+    /// `tcp_host:0` and needs a tokio runtime; `Cuda` stands alone (device memory, ordinal 0).
+    pub async fn new(layout: KvLayout, backends: &[TransferBackend], tcp_host: IpAddr) -> Result<KvSink, TransferError> {
+        let len = layout.checked_total_bytes()?;
+        let mut wanted: Vec<TransferBackend> = Vec::new();
+        for &backend in backends {
+            if !wanted.contains(&backend) {
+                wanted.push(backend);
+            }
+        }
+        let names = || wanted.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+        if wanted.contains(&TransferBackend::Cuda) {
+            if wanted.len() > 1 {
+                return Err(TransferError::Backends {
+                    backends: names(),
+                    reason: "`cuda` keeps the cache in device memory, which the host backends \
+                             cannot write; use it alone"
+                        .into(),
+                });
+            }
+            let (memory, handle) = cuda::allocate(len, 0)?;
+            let memory: Arc<dyn KvMemory> = Arc::new(memory);
+            // Registered under its handle so a writer in this same process can skip the IPC
+            // open (which the driver refuses inside the allocating process).
+            let registration = registry::register(handle.clone(), memory.clone(), layout.clone());
+            return Ok(KvSink {
+                layout,
+                memory,
+                host: local_host_name(),
+                endpoints: vec![KvEndpoint {
+                    backend: TransferBackend::Cuda,
+                    address: handle,
+                }],
+                received: Arc::default(),
+                _registrations: vec![registration],
+                _shm: None,
+                _tcp: None,
+            });
+        }
+        if wanted.contains(&TransferBackend::Tcp) && tokio::runtime::Handle::try_current().is_err() {
+            return Err(TransferError::Backends {
+                backends: names(),
+                reason: "the `tcp` backend's server needs a tokio runtime; create the sink inside one".into(),
+            });
+        }
+
+        let (memory, shm_file): (HostMemory, Option<ShmFile>) = if wanted.contains(&TransferBackend::Shm) {
+            let (memory, file) = shm::create(len)?;
+            (memory, Some(file))
+        } else {
+            let memory = HostMemory::anonymous(len).map_err(|e| TransferError::Alloc {
+                bytes: len,
+                reason: e.to_string(),
+            })?;
+            (memory, None)
+        };
+        let memory: Arc<dyn KvMemory> = Arc::new(memory);
+        let received = Arc::new(AtomicU64::new(0));
+        let mut endpoints = Vec::new();
+        let mut registrations = Vec::new();
+        let mut tcp = None;
+        // Anything opened before a failure is closed again by the guards going out of scope.
+        for backend in wanted {
+            let address = match backend {
+                TransferBackend::Memory => {
+                    let registration = registry::register(registry::unique_name(), memory.clone(), layout.clone());
+                    let name = registration.name().to_string();
+                    registrations.push(registration);
+                    name
+                }
+                TransferBackend::Shm => match &shm_file {
+                    Some(file) => file.path().display().to_string(),
+                    None => unreachable!("the shm file is created whenever `shm` is asked for"),
+                },
+                TransferBackend::Tcp => {
+                    let server = TcpServer::start(memory.clone(), layout.clone(), tcp_host, received.clone()).await?;
+                    let address = server.addr().to_string();
+                    tcp = Some(server);
+                    address
+                }
+                TransferBackend::Cuda => unreachable!("handled above"),
+            };
+            endpoints.push(KvEndpoint { backend, address });
+        }
+        Ok(KvSink {
+            layout,
+            memory,
+            host: local_host_name(),
+            endpoints,
+            received,
+            _registrations: registrations,
+            _shm: shm_file,
+            _tcp: tcp,
+        })
+    }
+
+    pub fn memory(&self) -> Arc<dyn KvMemory> {
+        self.memory.clone()
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    /// What a prefill worker needs to [`crate::connect`]: the layout, this host and process,
+    /// and the endpoints in preference order.
+    pub fn descriptor(&self) -> KvDescriptor {
+        KvDescriptor {
+            layout: self.layout.clone(),
+            host: self.host.clone(),
+            pid: std::process::id(),
+            endpoints: self.endpoints.clone(),
+        }
+    }
+
+    /// Bytes the TCP server has written into this sink so far (memory and shm writers copy
+    /// without the sink seeing it; they count on their own side).
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,134 @@
+//! The prefill worker's side: [`connect`] to a decode worker's [`KvDescriptor`] and get a
+//! [`KvTransfer`] that writes whole blocks into its cache, through the nearest endpoint both
+//! sides can use (the same process, then the same host, then the network).
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::backend::{cuda, memory, shm, tcp};
+use crate::descriptor::{KvDescriptor, KvEndpoint, TransferBackend};
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+
+/// The prefill worker's side: writes whole blocks into a decode worker's cache.
+#[async_trait]
+pub trait KvTransfer: Send + Sync {
+    fn backend(&self) -> TransferBackend;
+    /// `blocks[i]` (each `layout.block_bytes()`) goes to block `dst_blocks[i]`. Validates with
+    /// `KvLayout::check_write` before any byte moves. Returns the bytes written. When it
+    /// returns Ok, the bytes are in the destination memory (TCP: the server acknowledged after
+    /// writing).
+    async fn write_blocks(&self, dst_blocks: &[u32], blocks: &[Vec<u8>]) -> Result<u64, TransferError>;
+}
+
+/// Choice of endpoint. `Auto`: Memory if this process registered that name (same pid and
+/// host), else Shm if same host name and the path opens, else Tcp, else Cuda (same host). A
+/// forced backend uses only that endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    Auto,
+    Only(TransferBackend),
+}
+
+impl FromStr for BackendChoice {
+    type Err = TransferError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            other => other.parse().map(BackendChoice::Only),
+        }
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendChoice::Auto => f.write_str("auto"),
+            BackendChoice::Only(backend) => backend.fmt(f),
+        }
+    }
+}
+
+/// Nearest first: what `Auto` tries, in this order.
+const AUTO_ORDER: [TransferBackend; 4] = [
+    TransferBackend::Memory,
+    TransferBackend::Shm,
+    TransferBackend::Tcp,
+    TransferBackend::Cuda,
+];
+
+/// Checks `ours.check_compatible(&desc.layout)` first (blocks computed under another layout
+/// must never be written), then opens the endpoint `choice` picks.
+pub async fn connect(
+    desc: &KvDescriptor,
+    ours: &KvLayout,
+    choice: BackendChoice,
+) -> Result<Box<dyn KvTransfer>, TransferError> {
+    ours.check_compatible(&desc.layout)?;
+    desc.layout.checked_total_bytes()?;
+    let offered = || TransferError::NoUsableEndpoint {
+        offered: desc.endpoints.iter().map(|e| e.backend.to_string()).collect(),
+    };
+    match choice {
+        BackendChoice::Only(backend) => {
+            let endpoint = desc
+                .endpoints
+                .iter()
+                .find(|e| e.backend == backend)
+                .ok_or_else(offered)?;
+            open(desc, ours, endpoint).await
+        }
+        BackendChoice::Auto => {
+            let mut failures = Vec::new();
+            for backend in AUTO_ORDER {
+                let Some(endpoint) = desc.endpoints.iter().find(|e| e.backend == backend) else {
+                    continue;
+                };
+                if !reachable(desc, endpoint) {
+                    continue;
+                }
+                match open(desc, ours, endpoint).await {
+                    Ok(transfer) => return Ok(transfer),
+                    Err(e) => {
+                        tracing::debug!(%backend, address = %endpoint.address, error = %e, "KV endpoint unusable; trying the next");
+                        failures.push(format!("{backend} `{}`: {e}", endpoint.address));
+                    }
+                }
+            }
+            if failures.is_empty() {
+                Err(offered())
+            } else {
+                Err(TransferError::NoEndpointOpened { failures })
+            }
+        }
+    }
+}
+
+/// Whether `Auto` should try `endpoint` at all from here.
+fn reachable(desc: &KvDescriptor, endpoint: &KvEndpoint) -> bool {
+    match endpoint.backend {
+        TransferBackend::Memory => desc.is_same_process() && crate::registry::lookup(&endpoint.address).is_some(),
+        TransferBackend::Shm | TransferBackend::Cuda => desc.is_same_host(),
+        TransferBackend::Tcp => true,
+    }
+}
+
+async fn open(
+    desc: &KvDescriptor,
+    ours: &KvLayout,
+    endpoint: &KvEndpoint,
+) -> Result<Box<dyn KvTransfer>, TransferError> {
+    let layout = desc.layout.clone();
+    Ok(match endpoint.backend {
+        TransferBackend::Memory => Box::new(memory::open(&endpoint.address, ours)?),
+        TransferBackend::Shm => {
+            let mapping = shm::open(&endpoint.address, &layout)?;
+            Box::new(memory::HostWriter::new(TransferBackend::Shm, Arc::new(mapping), layout)?)
+        }
+        TransferBackend::Tcp => Box::new(tcp::TcpWriter::connect(&endpoint.address, layout).await?),
+        TransferBackend::Cuda => cuda::open(desc, &endpoint.address)?,
+    })
+}

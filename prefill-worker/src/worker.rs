@@ -1,0 +1,278 @@
+//! The queue consumer: pull, claim, prefill, transfer, notify, ack — one job at a time per
+//! worker. Decode workers' KV descriptors come from discovery (their instances' `kv_transfer`
+//! metadata); a connection to each is opened once and kept.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use engine::Request;
+use kv_transfer::{connect, BackendChoice, KvDescriptor, KvTransfer};
+use runtime::discovery::{decode_worker_endpoint, DiscoveryEvent, Instance};
+use runtime::protocol::{NoticeReply, PrefillNotice, RemotePrefillRequest, KV_TRANSFER_KEY};
+use runtime::request_plane::RequestPlane;
+use runtime::work_queue::{Job, WorkQueue};
+use runtime::Planes;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::host::PrefillHost;
+
+/// A notice that gets no answer within this is treated as refused.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct PrefillOptions {
+    /// Which of a decode worker's KV endpoints to write through.
+    pub backend: BackendChoice,
+}
+
+impl Default for PrefillOptions {
+    fn default() -> Self {
+        Self {
+            backend: BackendChoice::Auto,
+        }
+    }
+}
+
+/// The decode workers discovery knows, and open transfers to them.
+#[derive(Default)]
+struct Directory {
+    instances: HashMap<u64, Instance>,
+    transfers: HashMap<u64, Arc<dyn KvTransfer>>,
+}
+
+pub struct PrefillWorker {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    host: Arc<PrefillHost>,
+}
+
+impl PrefillWorker {
+    /// Starts consuming `planes`' prefill queue with `host`'s engine.
+    pub async fn start(
+        host: PrefillHost,
+        planes: &Planes,
+        options: PrefillOptions,
+    ) -> Result<Self, runtime::discovery::DiscoveryError> {
+        let directory = Arc::new(Mutex::new(Directory::default()));
+        let (now, mut changes) = planes
+            .discovery
+            .watch(&decode_worker_endpoint(&planes.settings.namespace))
+            .await?;
+        {
+            let mut d = directory.lock().unwrap_or_else(|e| e.into_inner());
+            for i in now {
+                d.instances.insert(i.instance_id, i);
+            }
+        }
+        let stop = CancellationToken::new();
+        let watcher = {
+            let directory = directory.clone();
+            tokio::spawn(async move {
+                while let Some(event) = changes.recv().await {
+                    let mut d = directory.lock().unwrap_or_else(|e| e.into_inner());
+                    match event {
+                        DiscoveryEvent::Put(i) => {
+                            d.transfers.remove(&i.instance_id);
+                            d.instances.insert(i.instance_id, i);
+                        }
+                        DiscoveryEvent::Delete { instance_id } => {
+                            d.instances.remove(&instance_id);
+                            d.transfers.remove(&instance_id);
+                        }
+                    }
+                }
+            })
+        };
+        let host = Arc::new(host);
+        let consumer = Consumer {
+            host: host.clone(),
+            queue: planes.prefill_queue.clone(),
+            plane: planes.requests.clone(),
+            directory,
+            options,
+        };
+        let consumer = tokio::spawn(consumer.run(stop.clone()));
+        Ok(Self {
+            stop,
+            tasks: vec![watcher, consumer],
+            host,
+        })
+    }
+
+    /// Stops pulling; a job in progress is dropped unacknowledged (it is delivered again).
+    pub fn stop(self) {
+        self.stop.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.host.shutdown();
+    }
+}
+
+struct Consumer {
+    host: Arc<PrefillHost>,
+    queue: Arc<dyn WorkQueue>,
+    plane: Arc<dyn RequestPlane>,
+    directory: Arc<Mutex<Directory>>,
+    options: PrefillOptions,
+}
+
+impl Consumer {
+    async fn run(self, stop: CancellationToken) {
+        loop {
+            let job = tokio::select! {
+                _ = stop.cancelled() => return,
+                job = self.queue.next() => job,
+            };
+            match job {
+                Ok(Some(job)) => self.handle(job).await,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("prefill queue: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, job: Job) {
+        let request: RemotePrefillRequest = match serde_json::from_slice(&job.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("dropping a malformed prefill job: {e}");
+                let _ = job.ack().await;
+                return;
+            }
+        };
+        let id = request.request_id.clone();
+        let claim = PrefillNotice::Claim {
+            request_id: id.clone(),
+            delivery: job.delivery,
+        };
+        match self.notify(&request.notice_address, &claim).await {
+            Ok(reply) if reply.accepted => {}
+            Ok(reply) => {
+                tracing::debug!(request = %id, reason = ?reply.reason, "job dropped: not wanted");
+                let _ = job.ack().await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(request = %id, "job dropped: its decode worker is gone ({e})");
+                let _ = job.ack().await;
+                return;
+            }
+        }
+        let notice = match self.run_job(&request).await {
+            Ok(done) => done,
+            Err(reason) => {
+                tracing::warn!(request = %id, "remote prefill failed: {reason}");
+                PrefillNotice::Failed {
+                    request_id: id.clone(),
+                    reason,
+                }
+            }
+        };
+        if let Err(e) = self.notify(&request.notice_address, &notice).await {
+            tracing::debug!(request = %id, "decode worker did not take the notice: {e}");
+        }
+        // After the notice: a crash before this line gets the job delivered again.
+        if let Err(e) = job.ack().await {
+            tracing::warn!(request = %id, "cannot ack the prefill job: {e}");
+        }
+    }
+
+    /// Prefill and transfer; the notice to send, or why it failed.
+    async fn run_job(&self, request: &RemotePrefillRequest) -> Result<PrefillNotice, String> {
+        let transfer = self.transfer_to(request.decode_instance).await?;
+        let from = request.cached_block_count;
+        if from > request.dst_block_ids.len() {
+            return Err(format!(
+                "{from} cached blocks of a prompt with {} blocks",
+                request.dst_block_ids.len()
+            ));
+        }
+        let prefilled = self
+            .host
+            .prefill(
+                Request {
+                    request_id: request.request_id.clone(),
+                    prompt_token_ids: request.token_ids.clone(),
+                    params: request.sampling.clone(),
+                },
+                from,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let bytes = transfer
+            .write_blocks(&request.dst_block_ids[from..], &prefilled.blocks)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(PrefillNotice::Done {
+            request_id: request.request_id.clone(),
+            first_token: prefilled.first.token,
+            logprob: prefilled.first.logprob,
+            top_logprobs: prefilled.first.top_logprobs,
+            backend: transfer.backend().to_string(),
+            bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The open transfer to decode worker `instance`, opened on first use.
+    async fn transfer_to(&self, instance: u64) -> Result<Arc<dyn KvTransfer>, String> {
+        let descriptor = {
+            let d = self.directory.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = d.transfers.get(&instance) {
+                return Ok(t.clone());
+            }
+            let Some(i) = d.instances.get(&instance) else {
+                return Err(format!("decode worker {instance:x} is not in discovery"));
+            };
+            let Some(value) = i.metadata.get(KV_TRANSFER_KEY) else {
+                return Err(format!(
+                    "decode worker {instance:x} publishes no KV descriptor (not disaggregated)"
+                ));
+            };
+            serde_json::from_value::<KvDescriptor>(value.clone())
+                .map_err(|e| format!("decode worker {instance:x}'s KV descriptor: {e}"))?
+        };
+        let transfer: Arc<dyn KvTransfer> =
+            connect(&descriptor, self.host.layout(), self.options.backend)
+                .await
+                .map_err(|e| e.to_string())?
+                .into();
+        tracing::info!(
+            decode = format!("{instance:x}"),
+            backend = %transfer.backend(),
+            "KV transfer open"
+        );
+        self.directory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .transfers
+            .insert(instance, transfer.clone());
+        Ok(transfer)
+    }
+
+    async fn notify(&self, address: &str, notice: &PrefillNotice) -> Result<NoticeReply, String> {
+        let payload = serde_json::to_vec(notice).expect("protocol types serialize");
+        let ask = async {
+            let mut stream = self
+                .plane
+                .request(address, payload)
+                .await
+                .map_err(|e| e.to_string())?;
+            match stream.next().await {
+                Some(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("no answer".to_string()),
+            }
+        };
+        tokio::time::timeout(NOTICE_TIMEOUT, ask)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {NOTICE_TIMEOUT:?}")))
+    }
+}
