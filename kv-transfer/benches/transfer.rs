@@ -31,7 +31,9 @@ fn transfer(c: &mut Criterion) {
         .expect("tokio runtime");
     let layout = smollm2_layout();
     let block_bytes = layout.block_bytes();
-    let blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|i| vec![i as u8 + 1; block_bytes]).collect();
+    let blocks: Vec<Vec<u8>> = (0..BLOCKS)
+        .map(|i| vec![i as u8 + 1; block_bytes])
+        .collect();
     // Reversed so the scatter really scatters.
     let ids: Vec<u32> = (0..BLOCKS as u32).rev().collect();
 
@@ -50,9 +52,17 @@ fn transfer(c: &mut Criterion) {
     });
 
     // One sink serving all three, so every backend writes into the same memory.
-    let backends = [TransferBackend::Memory, TransferBackend::Shm, TransferBackend::Tcp];
+    let backends = [
+        TransferBackend::Memory,
+        TransferBackend::Shm,
+        TransferBackend::Tcp,
+    ];
     let sink = runtime
-        .block_on(KvSink::new(layout.clone(), &backends, IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        .block_on(KvSink::new(
+            layout.clone(),
+            &backends,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ))
         .expect("sink");
     let desc = sink.descriptor();
     for backend in backends {
@@ -60,7 +70,11 @@ fn transfer(c: &mut Criterion) {
             .block_on(connect(&desc, &layout, BackendChoice::Only(backend)))
             .expect("connect");
         group.bench_function(backend.as_str(), |b| {
-            b.iter(|| runtime.block_on(writer.write_blocks(&ids, &blocks)).expect("write"))
+            b.iter(|| {
+                runtime
+                    .block_on(writer.write_blocks(&ids, &blocks))
+                    .expect("write")
+            })
         });
     }
     group.finish();

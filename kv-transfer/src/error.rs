@@ -43,8 +43,9 @@ pub enum TransferError {
     NotHostMemory(MemoryLocation),
     #[error("allocating {bytes} bytes of KV memory: {reason}")]
     Alloc { bytes: usize, reason: String },
-    #[error(
-        "KV sink backends {backends:?}: {reason}"
-    )]
-    Backends { backends: Vec<String>, reason: String },
+    #[error("KV sink backends {backends:?}: {reason}")]
+    Backends {
+        backends: Vec<String>,
+        reason: String,
+    },
 }

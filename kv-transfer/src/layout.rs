@@ -49,9 +49,16 @@ impl KvLayout {
     /// (a descriptor comes from another process; its numbers are not trusted to be sane). Once
     /// this passes, every offset and size above is computed without overflow.
     pub fn checked_total_bytes(&self) -> Result<usize, TransferError> {
-        let total = [self.block_size, self.num_kv_heads, self.head_dim, self.elem_bytes, self.num_layers, self.num_blocks]
-            .iter()
-            .try_fold(2usize, |acc, &n| acc.checked_mul(n));
+        let total = [
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.elem_bytes,
+            self.num_layers,
+            self.num_blocks,
+        ]
+        .iter()
+        .try_fold(2usize, |acc, &n| acc.checked_mul(n));
         match total {
             Some(0) => Err(TransferError::InvalidLayout {
                 reason: format!("it holds no bytes ({self:?})"),
@@ -67,12 +74,32 @@ impl KvLayout {
     /// everything but the block count must match.
     pub fn check_compatible(&self, theirs: &KvLayout) -> Result<(), TransferError> {
         let fields: [(&'static str, String, String); 6] = [
-            ("num_layers", self.num_layers.to_string(), theirs.num_layers.to_string()),
-            ("num_kv_heads", self.num_kv_heads.to_string(), theirs.num_kv_heads.to_string()),
-            ("head_dim", self.head_dim.to_string(), theirs.head_dim.to_string()),
-            ("block_size", self.block_size.to_string(), theirs.block_size.to_string()),
+            (
+                "num_layers",
+                self.num_layers.to_string(),
+                theirs.num_layers.to_string(),
+            ),
+            (
+                "num_kv_heads",
+                self.num_kv_heads.to_string(),
+                theirs.num_kv_heads.to_string(),
+            ),
+            (
+                "head_dim",
+                self.head_dim.to_string(),
+                theirs.head_dim.to_string(),
+            ),
+            (
+                "block_size",
+                self.block_size.to_string(),
+                theirs.block_size.to_string(),
+            ),
             ("dtype", self.dtype.clone(), theirs.dtype.clone()),
-            ("elem_bytes", self.elem_bytes.to_string(), theirs.elem_bytes.to_string()),
+            (
+                "elem_bytes",
+                self.elem_bytes.to_string(),
+                theirs.elem_bytes.to_string(),
+            ),
         ];
         for (field, ours, theirs) in fields {
             if ours != theirs {
@@ -141,20 +168,47 @@ mod tests {
     #[test]
     fn a_different_block_count_is_compatible_a_different_dtype_is_not() {
         let ours = layout();
-        let more = KvLayout { num_blocks: 100, ..layout() };
+        let more = KvLayout {
+            num_blocks: 100,
+            ..layout()
+        };
         ours.check_compatible(&more).unwrap();
-        let bf16 = KvLayout { dtype: "bf16".into(), elem_bytes: 2, ..layout() };
+        let bf16 = KvLayout {
+            dtype: "bf16".into(),
+            elem_bytes: 2,
+            ..layout()
+        };
         let err = ours.check_compatible(&bf16).unwrap_err().to_string();
-        assert!(err.contains("dtype") && err.contains("f32") && err.contains("bf16"), "{err}");
+        assert!(
+            err.contains("dtype") && err.contains("f32") && err.contains("bf16"),
+            "{err}"
+        );
     }
 
     #[test]
     fn an_empty_or_overflowing_layout_is_refused() {
-        assert_eq!(layout().checked_total_bytes().unwrap(), layout().total_bytes());
-        let empty = KvLayout { num_blocks: 0, ..layout() };
-        assert!(empty.checked_total_bytes().unwrap_err().to_string().contains("no bytes"));
-        let huge = KvLayout { num_blocks: usize::MAX / 2, ..layout() };
-        assert!(huge.checked_total_bytes().unwrap_err().to_string().contains("overflows"));
+        assert_eq!(
+            layout().checked_total_bytes().unwrap(),
+            layout().total_bytes()
+        );
+        let empty = KvLayout {
+            num_blocks: 0,
+            ..layout()
+        };
+        assert!(empty
+            .checked_total_bytes()
+            .unwrap_err()
+            .to_string()
+            .contains("no bytes"));
+        let huge = KvLayout {
+            num_blocks: usize::MAX / 2,
+            ..layout()
+        };
+        assert!(huge
+            .checked_total_bytes()
+            .unwrap_err()
+            .to_string()
+            .contains("overflows"));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! kv-transfer moves finished prefill KV blocks from a prefill worker into the blocks a decode
 //! worker reserved for the request (DESIGN.md §4, §6). The decode worker's KV cache lives in
 //! memory this crate allocates (a [`KvSink`]): anonymous memory for the in-process backend, a
-//! `/dev/shm` segment that a prefill worker on the same host maps, device memory for CUDA; a TCP
-//! server writes frames from other hosts into the same memory. The sink's [`KvDescriptor`]
-//! (layout and endpoints) travels through discovery; a prefill worker [`connect`]s to it — after
-//! checking that both sides agree on the layout — and gets a [`KvTransfer`] whose
-//! `write_blocks` puts whole blocks (every layer) at the destination block ids.
+//! `/dev/shm` segment that a prefill worker on the same host maps (in-process writers then use
+//! that same segment), device memory for CUDA; a TCP server writes frames from other hosts into
+//! the same host memory. The sink's [`KvDescriptor`] (layout and endpoints) travels through
+//! discovery; a prefill worker [`connect`]s to it — after checking that both sides agree on the
+//! layout — and gets a [`KvTransfer`] whose `write_blocks` puts whole blocks (every layer) at
+//! the destination block ids.
 
 mod backend;
 mod descriptor;

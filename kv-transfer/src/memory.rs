@@ -61,7 +61,11 @@ impl HostMemory {
         // The pointer is taken once: moving the `MmapMut` value does not move the mapping.
         let ptr = map.as_mut_ptr();
         let len = map.len();
-        HostMemory { _map: map, ptr, len }
+        HostMemory {
+            _map: map,
+            ptr,
+            len,
+        }
     }
 }
 
@@ -79,7 +83,10 @@ impl KvMemory for HostMemory {
 
 /// The cache size `layout` needs, refusing memory too small to hold it (so offsets computed
 /// from the layout stay inside the allocation).
-pub(crate) fn checked_len(layout: &KvLayout, memory: &dyn KvMemory) -> Result<usize, TransferError> {
+pub(crate) fn checked_len(
+    layout: &KvLayout,
+    memory: &dyn KvMemory,
+) -> Result<usize, TransferError> {
     let needed = layout.checked_total_bytes()?;
     if memory.len() < needed {
         return Err(TransferError::MemoryTooSmall {
@@ -97,6 +104,9 @@ pub(crate) fn checked_len(layout: &KvLayout, memory: &dyn KvMemory) -> Result<us
 /// `layout` must have passed [`checked_len`] against `memory`, `block < layout.num_blocks`,
 /// `layer < layout.num_layers`, and the caller must hold the range exclusively under the
 /// aliasing invariant (module doc) for the returned lifetime.
+// `&dyn KvMemory` in, `&mut` out: the memory is shared by design and exclusivity per range
+// comes from the aliasing invariant, not from the borrow.
+#[allow(clippy::mut_from_ref)]
 pub(crate) unsafe fn layer_chunk_mut<'a>(
     memory: &'a dyn KvMemory,
     layout: &KvLayout,
@@ -106,7 +116,9 @@ pub(crate) unsafe fn layer_chunk_mut<'a>(
     let offset = layout.offset(layer, block);
     // SAFETY: in bounds by the caller's `checked_len` and index checks; exclusive by the
     // aliasing invariant.
-    unsafe { std::slice::from_raw_parts_mut(memory.as_mut_ptr().add(offset), layout.layer_block_bytes()) }
+    unsafe {
+        std::slice::from_raw_parts_mut(memory.as_mut_ptr().add(offset), layout.layer_block_bytes())
+    }
 }
 
 /// Writes wire blocks into host memory: each block's per-layer chunk to `offset(layer, dst)`.

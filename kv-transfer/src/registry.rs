@@ -28,7 +28,11 @@ fn table() -> MutexGuard<'static, HashMap<String, Registered>> {
 pub(crate) fn unique_name() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("baton-kv-{}-{seq}-{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "baton-kv-{}-{seq}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// Removes its entry when dropped (with the sink that owns it).

@@ -33,7 +33,11 @@ impl KvSink {
     /// the order given (the descriptor's preference order). Host backends share one memory:
     /// the shm file when `Shm` is among them, else an anonymous mapping. `Tcp` binds
     /// `tcp_host:0` and needs a tokio runtime; `Cuda` stands alone (device memory, ordinal 0).
-    pub async fn new(layout: KvLayout, backends: &[TransferBackend], tcp_host: IpAddr) -> Result<KvSink, TransferError> {
+    pub async fn new(
+        layout: KvLayout,
+        backends: &[TransferBackend],
+        tcp_host: IpAddr,
+    ) -> Result<KvSink, TransferError> {
         let len = layout.checked_total_bytes()?;
         let mut wanted: Vec<TransferBackend> = Vec::new();
         for &backend in backends {
@@ -70,23 +74,27 @@ impl KvSink {
                 _tcp: None,
             });
         }
-        if wanted.contains(&TransferBackend::Tcp) && tokio::runtime::Handle::try_current().is_err() {
+        if wanted.contains(&TransferBackend::Tcp) && tokio::runtime::Handle::try_current().is_err()
+        {
             return Err(TransferError::Backends {
                 backends: names(),
-                reason: "the `tcp` backend's server needs a tokio runtime; create the sink inside one".into(),
+                reason:
+                    "the `tcp` backend's server needs a tokio runtime; create the sink inside one"
+                        .into(),
             });
         }
 
-        let (memory, shm_file): (HostMemory, Option<ShmFile>) = if wanted.contains(&TransferBackend::Shm) {
-            let (memory, file) = shm::create(len)?;
-            (memory, Some(file))
-        } else {
-            let memory = HostMemory::anonymous(len).map_err(|e| TransferError::Alloc {
-                bytes: len,
-                reason: e.to_string(),
-            })?;
-            (memory, None)
-        };
+        let (memory, shm_file): (HostMemory, Option<ShmFile>) =
+            if wanted.contains(&TransferBackend::Shm) {
+                let (memory, file) = shm::create(len)?;
+                (memory, Some(file))
+            } else {
+                let memory = HostMemory::anonymous(len).map_err(|e| TransferError::Alloc {
+                    bytes: len,
+                    reason: e.to_string(),
+                })?;
+                (memory, None)
+            };
         let memory: Arc<dyn KvMemory> = Arc::new(memory);
         let received = Arc::new(AtomicU64::new(0));
         let mut endpoints = Vec::new();
@@ -96,7 +104,8 @@ impl KvSink {
         for backend in wanted {
             let address = match backend {
                 TransferBackend::Memory => {
-                    let registration = registry::register(registry::unique_name(), memory.clone(), layout.clone());
+                    let registration =
+                        registry::register(registry::unique_name(), memory.clone(), layout.clone());
                     let name = registration.name().to_string();
                     registrations.push(registration);
                     name
@@ -106,7 +115,13 @@ impl KvSink {
                     None => unreachable!("the shm file is created whenever `shm` is asked for"),
                 },
                 TransferBackend::Tcp => {
-                    let server = TcpServer::start(memory.clone(), layout.clone(), tcp_host, received.clone()).await?;
+                    let server = TcpServer::start(
+                        memory.clone(),
+                        layout.clone(),
+                        tcp_host,
+                        received.clone(),
+                    )
+                    .await?;
                     let address = server.addr().to_string();
                     tcp = Some(server);
                     address

@@ -21,7 +21,11 @@ pub trait KvTransfer: Send + Sync {
     /// `KvLayout::check_write` before any byte moves. Returns the bytes written. When it
     /// returns Ok, the bytes are in the destination memory (TCP: the server acknowledged after
     /// writing).
-    async fn write_blocks(&self, dst_blocks: &[u32], blocks: &[Vec<u8>]) -> Result<u64, TransferError>;
+    async fn write_blocks(
+        &self,
+        dst_blocks: &[u32],
+        blocks: &[Vec<u8>],
+    ) -> Result<u64, TransferError>;
 }
 
 /// Choice of endpoint. `Auto`: Memory if this process registered that name (same pid and
@@ -70,7 +74,11 @@ pub async fn connect(
     ours.check_compatible(&desc.layout)?;
     desc.layout.checked_total_bytes()?;
     let offered = || TransferError::NoUsableEndpoint {
-        offered: desc.endpoints.iter().map(|e| e.backend.to_string()).collect(),
+        offered: desc
+            .endpoints
+            .iter()
+            .map(|e| e.backend.to_string())
+            .collect(),
     };
     match choice {
         BackendChoice::Only(backend) => {
@@ -110,7 +118,9 @@ pub async fn connect(
 /// Whether `Auto` should try `endpoint` at all from here.
 fn reachable(desc: &KvDescriptor, endpoint: &KvEndpoint) -> bool {
     match endpoint.backend {
-        TransferBackend::Memory => desc.is_same_process() && crate::registry::lookup(&endpoint.address).is_some(),
+        TransferBackend::Memory => {
+            desc.is_same_process() && crate::registry::lookup(&endpoint.address).is_some()
+        }
         TransferBackend::Shm | TransferBackend::Cuda => desc.is_same_host(),
         TransferBackend::Tcp => true,
     }
@@ -126,7 +136,11 @@ async fn open(
         TransferBackend::Memory => Box::new(memory::open(&endpoint.address, ours)?),
         TransferBackend::Shm => {
             let mapping = shm::open(&endpoint.address, &layout)?;
-            Box::new(memory::HostWriter::new(TransferBackend::Shm, Arc::new(mapping), layout)?)
+            Box::new(memory::HostWriter::new(
+                TransferBackend::Shm,
+                Arc::new(mapping),
+                layout,
+            )?)
         }
         TransferBackend::Tcp => Box::new(tcp::TcpWriter::connect(&endpoint.address, layout).await?),
         TransferBackend::Cuda => cuda::open(desc, &endpoint.address)?,

@@ -10,14 +10,21 @@ const DST: [u32; 3] = [7, 2, 9];
 
 async fn contract(backend: TransferBackend) {
     let layout = small_layout();
-    let sink = KvSink::new(layout.clone(), &[backend], LOOPBACK).await.unwrap();
-    assert!(snapshot(&sink).iter().all(|&b| b == 0), "a new cache is zeroed");
+    let sink = KvSink::new(layout.clone(), &[backend], LOOPBACK)
+        .await
+        .unwrap();
+    assert!(
+        snapshot(&sink).iter().all(|&b| b == 0),
+        "a new cache is zeroed"
+    );
     let writer = connect(&sink.descriptor(), &layout, BackendChoice::Only(backend))
         .await
         .unwrap();
     assert_eq!(writer.backend(), backend);
 
-    let blocks: Vec<Vec<u8>> = (0..DST.len()).map(|seed| pattern_block(&layout, seed)).collect();
+    let blocks: Vec<Vec<u8>> = (0..DST.len())
+        .map(|seed| pattern_block(&layout, seed))
+        .collect();
     let written = writer.write_blocks(&DST, &blocks).await.unwrap();
     assert_eq!(written, (DST.len() * layout.block_bytes()) as u64);
 
@@ -27,10 +34,18 @@ async fn contract(backend: TransferBackend) {
             let got = layer_chunk(&cache, &layout, layer, block);
             match DST.iter().position(|&d| d as usize == block) {
                 Some(seed) => {
-                    let want: Vec<u8> = (0..got.len()).map(|i| pattern_byte(seed, layer, i)).collect();
-                    assert!(got == want.as_slice(), "{backend}: layer {layer} of block {block} misplaced");
+                    let want: Vec<u8> = (0..got.len())
+                        .map(|i| pattern_byte(seed, layer, i))
+                        .collect();
+                    assert!(
+                        got == want.as_slice(),
+                        "{backend}: layer {layer} of block {block} misplaced"
+                    );
                 }
-                None => assert!(got.iter().all(|&b| b == 0), "{backend}: block {block} layer {layer} was touched"),
+                None => assert!(
+                    got.iter().all(|&b| b == 0),
+                    "{backend}: block {block} layer {layer} was touched"
+                ),
             }
         }
     }
@@ -42,18 +57,42 @@ async fn contract(backend: TransferBackend) {
 }
 
 /// Out-of-range ids, wrong sizes and mismatched counts are refused and leave `before` intact.
-async fn refuses_bad_writes(writer: &dyn kv_transfer::KvTransfer, layout: &KvLayout, sink: &KvSink, before: &[u8]) {
+async fn refuses_bad_writes(
+    writer: &dyn kv_transfer::KvTransfer,
+    layout: &KvLayout,
+    sink: &KvSink,
+    before: &[u8],
+) {
     let good = pattern_block(layout, 5);
-    let out_of_range = writer.write_blocks(&[3, 10], &[good.clone(), good.clone()]).await;
+    let out_of_range = writer
+        .write_blocks(&[3, 10], &[good.clone(), good.clone()])
+        .await;
     assert!(
-        matches!(out_of_range, Err(TransferError::NoSuchBlock { block: 10, num_blocks: 10 })),
+        matches!(
+            out_of_range,
+            Err(TransferError::NoSuchBlock {
+                block: 10,
+                num_blocks: 10
+            })
+        ),
         "{out_of_range:?}"
     );
     let short = writer.write_blocks(&[3], &[good[1..].to_vec()]).await;
-    assert!(matches!(short, Err(TransferError::BlockSize { block: 3, .. })), "{short:?}");
-    let counts = writer.write_blocks(&[3, 4], std::slice::from_ref(&good)).await;
-    assert!(matches!(counts, Err(TransferError::BlockCount { ids: 2, blocks: 1 })), "{counts:?}");
-    assert!(snapshot(sink) == before, "a refused write changed the cache");
+    assert!(
+        matches!(short, Err(TransferError::BlockSize { block: 3, .. })),
+        "{short:?}"
+    );
+    let counts = writer
+        .write_blocks(&[3, 4], std::slice::from_ref(&good))
+        .await;
+    assert!(
+        matches!(counts, Err(TransferError::BlockCount { ids: 2, blocks: 1 })),
+        "{counts:?}"
+    );
+    assert!(
+        snapshot(sink) == before,
+        "a refused write changed the cache"
+    );
     // The writer still works after refusals (TCP: its connection was never poisoned).
     assert_eq!(writer.write_blocks(&[], &[]).await.unwrap(), 0);
 }
@@ -61,7 +100,9 @@ async fn refuses_bad_writes(writer: &dyn kv_transfer::KvTransfer, layout: &KvLay
 /// A prefill worker whose layout differs refuses at connect, naming the field.
 async fn refuses_mismatched_layouts(backend: TransferBackend) {
     let layout = small_layout();
-    let sink = KvSink::new(layout.clone(), &[backend], LOOPBACK).await.unwrap();
+    let sink = KvSink::new(layout.clone(), &[backend], LOOPBACK)
+        .await
+        .unwrap();
     let desc = sink.descriptor();
     let bf16 = KvLayout {
         dtype: "bf16".into(),

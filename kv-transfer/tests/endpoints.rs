@@ -11,11 +11,18 @@ use kv_transfer::{connect, BackendChoice, KvDescriptor, KvSink, TransferBackend,
 use TransferBackend::{Cuda, Memory, Shm, Tcp};
 
 async fn sink(backends: &[TransferBackend]) -> KvSink {
-    KvSink::new(small_layout(), backends, LOOPBACK).await.unwrap()
+    KvSink::new(small_layout(), backends, LOOPBACK)
+        .await
+        .unwrap()
 }
 
-async fn picks(desc: &KvDescriptor, choice: BackendChoice) -> Result<TransferBackend, TransferError> {
-    connect(desc, &small_layout(), choice).await.map(|t| t.backend())
+async fn picks(
+    desc: &KvDescriptor,
+    choice: BackendChoice,
+) -> Result<TransferBackend, TransferError> {
+    connect(desc, &small_layout(), choice)
+        .await
+        .map(|t| t.backend())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,7 +35,10 @@ async fn auto_picks_the_nearest_endpoint() {
         pid: desc.pid.wrapping_add(1),
         ..desc.clone()
     };
-    assert_eq!(picks(&other_process, BackendChoice::Auto).await.unwrap(), Shm);
+    assert_eq!(
+        picks(&other_process, BackendChoice::Auto).await.unwrap(),
+        Shm
+    );
     // Another host: the network.
     let other_host = KvDescriptor {
         host: format!("{}-elsewhere", desc.host),
@@ -40,7 +50,9 @@ async fn auto_picks_the_nearest_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_backend_uses_only_its_endpoint() {
     let sink = sink(&[Memory]).await;
-    let err = picks(&sink.descriptor(), BackendChoice::Only(Tcp)).await.unwrap_err();
+    let err = picks(&sink.descriptor(), BackendChoice::Only(Tcp))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, TransferError::NoUsableEndpoint { offered } if offered == &["memory".to_string()]),
         "{err}"
@@ -76,13 +88,21 @@ async fn a_shm_segment_of_the_wrong_size_or_place_is_refused() {
     // the two sides, so only the file size catches it).
     let mut bigger = desc.clone();
     bigger.layout.num_blocks += 1;
-    let err = picks(&bigger, BackendChoice::Only(Shm)).await.unwrap_err().to_string();
+    let err = picks(&bigger, BackendChoice::Only(Shm))
+        .await
+        .unwrap_err()
+        .to_string();
     let (have, need) = (small_layout().total_bytes(), bigger.layout.total_bytes());
-    assert!(err.contains(&have.to_string()) && err.contains(&need.to_string()), "{err}");
+    assert!(
+        err.contains(&have.to_string()) && err.contains(&need.to_string()),
+        "{err}"
+    );
 
     let mut elsewhere = desc.clone();
     elsewhere.endpoints[0].address = "/etc/passwd".into();
-    let err = picks(&elsewhere, BackendChoice::Only(Shm)).await.unwrap_err();
+    let err = picks(&elsewhere, BackendChoice::Only(Shm))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransferError::Shm { .. }), "{err}");
 }
 
@@ -107,16 +127,28 @@ async fn a_descriptor_round_trips_through_json() {
 
 #[test]
 fn backend_choices_parse() {
-    assert_eq!("auto".parse::<BackendChoice>().unwrap(), BackendChoice::Auto);
-    assert_eq!("shm".parse::<BackendChoice>().unwrap(), BackendChoice::Only(Shm));
-    assert_eq!("in-process".parse::<BackendChoice>().unwrap(), BackendChoice::Only(Memory));
+    assert_eq!(
+        "auto".parse::<BackendChoice>().unwrap(),
+        BackendChoice::Auto
+    );
+    assert_eq!(
+        "shm".parse::<BackendChoice>().unwrap(),
+        BackendChoice::Only(Shm)
+    );
+    assert_eq!(
+        "in-process".parse::<BackendChoice>().unwrap(),
+        BackendChoice::Only(Memory)
+    );
     let err = "rdma".parse::<BackendChoice>().unwrap_err().to_string();
     assert!(err.contains("`rdma`"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cuda_stands_alone_and_fails_cleanly_without_a_gpu() {
-    let err = KvSink::new(small_layout(), &[Cuda, Memory], LOOPBACK).await.err().unwrap();
+    let err = KvSink::new(small_layout(), &[Cuda, Memory], LOOPBACK)
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, TransferError::Backends { .. }), "{err}");
     let alone = KvSink::new(small_layout(), &[Cuda], LOOPBACK).await;
     if cfg!(feature = "cuda") {
@@ -139,4 +171,12 @@ async fn an_empty_layout_is_refused() {
     };
     let err = KvSink::new(empty, &[Memory], LOOPBACK).await.err().unwrap();
     assert!(matches!(err, TransferError::InvalidLayout { .. }), "{err}");
+}
+
+#[test]
+fn sinks_and_writers_cross_threads() {
+    fn send_sync<T: Send + Sync + ?Sized>() {}
+    send_sync::<KvSink>();
+    send_sync::<dyn kv_transfer::KvTransfer>();
+    send_sync::<dyn kv_transfer::KvMemory>();
 }

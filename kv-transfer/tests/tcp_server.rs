@@ -11,7 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn tcp_sink(layout: KvLayout) -> (KvSink, String) {
-    let sink = KvSink::new(layout, &[TransferBackend::Tcp], LOOPBACK).await.unwrap();
+    let sink = KvSink::new(layout, &[TransferBackend::Tcp], LOOPBACK)
+        .await
+        .unwrap();
     let addr = sink.descriptor().endpoints[0].address.clone();
     (sink, addr)
 }
@@ -27,7 +29,10 @@ async fn refused(addr: &str, frame: &[u8]) -> String {
     stream.read_exact(&mut message).await.unwrap();
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "the server keeps talking after an error: {closed:?}");
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the server keeps talking after an error: {closed:?}"
+    );
     String::from_utf8(message).unwrap()
 }
 
@@ -42,14 +47,24 @@ fn header(n_blocks: u32, block_bytes: u64, ids: &[u32]) -> Vec<u8> {
 }
 
 async fn honest_write_works(sink: &KvSink, layout: &KvLayout) {
-    let writer = connect(&sink.descriptor(), layout, BackendChoice::Only(TransferBackend::Tcp))
+    let writer = connect(
+        &sink.descriptor(),
+        layout,
+        BackendChoice::Only(TransferBackend::Tcp),
+    )
+    .await
+    .unwrap();
+    let block = pattern_block(layout, 1);
+    writer
+        .write_blocks(&[4], std::slice::from_ref(&block))
         .await
         .unwrap();
-    let block = pattern_block(layout, 1);
-    writer.write_blocks(&[4], std::slice::from_ref(&block)).await.unwrap();
     let cache = snapshot(sink);
     let start = layout.offset(0, 4);
-    assert_eq!(&cache[start..start + layout.layer_block_bytes()], &block[..layout.layer_block_bytes()]);
+    assert_eq!(
+        &cache[start..start + layout.layer_block_bytes()],
+        &block[..layout.layer_block_bytes()]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,12 +92,18 @@ async fn bad_headers_are_refused_before_any_payload_lands() {
     let mut wrong_size = header(1, bb - 4, &[1]);
     wrong_size.extend_from_slice(&payload[4..]);
     let message = refused(&addr, &wrong_size).await;
-    assert!(message.contains("block_bytes") && message.contains(&(bb - 4).to_string()), "{message}");
+    assert!(
+        message.contains("block_bytes") && message.contains(&(bb - 4).to_string()),
+        "{message}"
+    );
 
     let message = refused(&addr, &header(u32::MAX, bb, &[])).await;
     assert!(message.contains("n_blocks"), "{message}");
 
-    assert!(snapshot(&sink).iter().all(|&b| b == 0), "a refused frame wrote into the cache");
+    assert!(
+        snapshot(&sink).iter().all(|&b| b == 0),
+        "a refused frame wrote into the cache"
+    );
     assert_eq!(sink.bytes_received(), 0);
     honest_write_works(&sink, &layout).await;
 }
@@ -99,9 +120,13 @@ async fn a_cancelled_write_does_not_spoil_the_next_one() {
         ..small_layout()
     };
     let (sink, _) = tcp_sink(layout.clone()).await;
-    let writer = connect(&sink.descriptor(), &layout, BackendChoice::Only(TransferBackend::Tcp))
-        .await
-        .unwrap();
+    let writer = connect(
+        &sink.descriptor(),
+        &layout,
+        BackendChoice::Only(TransferBackend::Tcp),
+    )
+    .await
+    .unwrap();
     let ids: Vec<u32> = (0..8).collect();
     let junk: Vec<Vec<u8>> = (0..8).map(|_| vec![0xEE; layout.block_bytes()]).collect();
     let _ = tokio::time::timeout(Duration::from_millis(1), writer.write_blocks(&ids, &junk)).await;

@@ -2,8 +2,9 @@
 //! prefilled as a prefill-only request, its blocks are read out while the engine holds them,
 //! then released (their full blocks stay in this worker's prefix cache).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use engine::{Engine, Request, RequestOutput, SampledToken};
@@ -28,6 +29,8 @@ pub struct PrefillHost {
     jobs: Mutex<Option<std_mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     layout: kv_transfer::KvLayout,
+    /// KV blocks held by requests after the last job (0 unless one leaked).
+    used: Arc<AtomicUsize>,
 }
 
 impl PrefillHost {
@@ -38,19 +41,27 @@ impl PrefillHost {
         name: &str,
     ) -> Result<Self, PrefillError> {
         let (tx, rx) = std_mpsc::channel();
+        let used = Arc::new(AtomicUsize::new(0));
+        let thread_used = used.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(engine, rx))
+            .spawn(move || run(engine, rx, thread_used))
             .map_err(PrefillError::Spawn)?;
         Ok(Self {
             jobs: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             layout,
+            used,
         })
     }
 
     pub fn layout(&self) -> &kv_transfer::KvLayout {
         &self.layout
+    }
+
+    /// KV blocks in use in this worker's engine after its last job (its prefix cache aside).
+    pub fn kv_blocks_used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
     }
 
     /// Prefills `request` and returns its blocks from `from_block` on.
@@ -93,9 +104,10 @@ impl Drop for PrefillHost {
     }
 }
 
-fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>) {
+fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>, used: Arc<AtomicUsize>) {
     while let Ok(job) = jobs.recv() {
         let result = prefill(&mut engine, job.request, job.from_block);
+        used.store(engine.stats().kv_blocks_used, Ordering::Relaxed);
         let _ = job.reply.send(result);
     }
 }

@@ -101,6 +101,11 @@ impl PrefillWorker {
         })
     }
 
+    /// KV blocks its engine holds for requests (0 between jobs, unless one leaked).
+    pub fn kv_blocks_used(&self) -> usize {
+        self.host.kv_blocks_used()
+    }
+
     /// Stops pulling; a job in progress is dropped unacknowledged (it is delivered again).
     pub fn stop(self) {
         self.stop.cancel();

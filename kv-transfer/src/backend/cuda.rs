@@ -30,7 +30,10 @@ mod imp {
         }
     }
 
-    pub(crate) fn allocate(_len: usize, _ordinal: usize) -> Result<(CudaMemory, String), TransferError> {
+    pub(crate) fn allocate(
+        _len: usize,
+        _ordinal: usize,
+    ) -> Result<(CudaMemory, String), TransferError> {
         Err(unsupported())
     }
 
@@ -63,7 +66,9 @@ mod imp {
         let described = unsafe { sys::cuGetErrorString(result, &mut name) };
         let text = if described == CUresult::CUDA_SUCCESS && !name.is_null() {
             // SAFETY: the driver returns a static NUL-terminated string.
-            unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
+            unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned()
         } else {
             format!("{result:?}")
         };
@@ -84,7 +89,9 @@ mod imp {
         INIT.get_or_init(|| {
             // SAFETY: probing for the library has no preconditions.
             if !unsafe { sys::is_culib_present() } {
-                return Err("the CUDA driver library (libcuda) is not present on this machine".into());
+                return Err(
+                    "the CUDA driver library (libcuda) is not present on this machine".into(),
+                );
             }
             // SAFETY: the library is present; cuInit may be called any number of times.
             check("cuInit", unsafe { sys::cuInit(0) }).map_err(|e| e.to_string())
@@ -108,13 +115,18 @@ mod imp {
         fn primary(ordinal: usize) -> Result<Context, TransferError> {
             driver()?;
             let mut device: CUdevice = 0;
-            let index = i32::try_from(ordinal)
-                .map_err(|_| TransferError::Cuda(format!("device ordinal {ordinal} is out of range")))?;
+            let index = i32::try_from(ordinal).map_err(|_| {
+                TransferError::Cuda(format!("device ordinal {ordinal} is out of range"))
+            })?;
             // SAFETY: driver initialised; out-pointers are locals.
-            check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut device, index) })?;
+            check("cuDeviceGet", unsafe {
+                sys::cuDeviceGet(&mut device, index)
+            })?;
             let mut ctx: CUcontext = std::ptr::null_mut();
             // SAFETY: as above.
-            check("cuDevicePrimaryCtxRetain", unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, device) })?;
+            check("cuDevicePrimaryCtxRetain", unsafe {
+                sys::cuDevicePrimaryCtxRetain(&mut ctx, device)
+            })?;
             Ok(Context { device, ctx })
         }
 
@@ -166,7 +178,10 @@ mod imp {
     }
 
     /// Zeroed device memory and its IPC handle in hex.
-    pub(crate) fn allocate(len: usize, ordinal: usize) -> Result<(CudaMemory, String), TransferError> {
+    pub(crate) fn allocate(
+        len: usize,
+        ordinal: usize,
+    ) -> Result<(CudaMemory, String), TransferError> {
         let ctx = Context::primary(ordinal)?;
         ctx.make_current()?;
         let mut ptr: CUdeviceptr = 0;
@@ -185,21 +200,32 @@ mod imp {
         check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })?;
         let mut handle = std::mem::MaybeUninit::<sys::CUipcMemHandle>::zeroed();
         // SAFETY: `ptr` is a cuMemAlloc base pointer, the handle a local.
-        check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(handle.as_mut_ptr(), ptr) })?;
+        check("cuIpcGetMemHandle", unsafe {
+            sys::cuIpcGetMemHandle(handle.as_mut_ptr(), ptr)
+        })?;
         // SAFETY: zero-initialised plain bytes, now filled by the driver.
         let handle = unsafe { handle.assume_init() };
-        let hex = handle.reserved.iter().map(|&b| format!("{:02x}", b as u8)).collect();
+        let hex = handle
+            .reserved
+            .iter()
+            .map(|&b| format!("{:02x}", b as u8))
+            .collect();
         Ok((memory, hex))
     }
 
     fn parse_handle(hex: &str) -> Result<sys::CUipcMemHandle, TransferError> {
-        let bad = || TransferError::Cuda(format!("`{hex}` is not a CUDA IPC handle (128 hex digits)"));
+        let bad =
+            || TransferError::Cuda(format!("`{hex}` is not a CUDA IPC handle (128 hex digits)"));
         // SAFETY: the handle is 64 plain bytes.
         let mut handle: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
         if !hex.is_ascii() || hex.len() != 2 * handle.reserved.len() {
             return Err(bad());
         }
-        for (byte, pair) in handle.reserved.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+        for (byte, pair) in handle
+            .reserved
+            .iter_mut()
+            .zip(hex.as_bytes().chunks_exact(2))
+        {
             let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
             *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())? as std::ffi::c_char;
         }
@@ -218,7 +244,10 @@ mod imp {
         ctx: Context,
     }
 
-    pub(crate) fn open(desc: &KvDescriptor, address: &str) -> Result<Box<dyn KvTransfer>, TransferError> {
+    pub(crate) fn open(
+        desc: &KvDescriptor,
+        address: &str,
+    ) -> Result<Box<dyn KvTransfer>, TransferError> {
         let layout = desc.layout.clone();
         let len = layout.checked_total_bytes()?;
         let ctx = Context::primary(0)?;
@@ -241,7 +270,9 @@ mod imp {
         let mut base: CUdeviceptr = 0;
         let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
         // SAFETY: context current; the handle is plain bytes the driver validates.
-        check("cuIpcOpenMemHandle", unsafe { sys::cuIpcOpenMemHandle_v2(&mut base, handle, flags) })?;
+        check("cuIpcOpenMemHandle", unsafe {
+            sys::cuIpcOpenMemHandle_v2(&mut base, handle, flags)
+        })?;
         let writer = CudaWriter {
             base,
             layout,
@@ -255,7 +286,10 @@ mod imp {
             sys::cuMemGetAddressRange_v2(std::ptr::null_mut(), &mut size, base)
         })?;
         if size < len {
-            return Err(TransferError::MemoryTooSmall { needed: len, len: size });
+            return Err(TransferError::MemoryTooSmall {
+                needed: len,
+                len: size,
+            });
         }
         Ok(Box::new(writer))
     }
@@ -275,7 +309,11 @@ mod imp {
             TransferBackend::Cuda
         }
 
-        async fn write_blocks(&self, dst_blocks: &[u32], blocks: &[Vec<u8>]) -> Result<u64, TransferError> {
+        async fn write_blocks(
+            &self,
+            dst_blocks: &[u32],
+            blocks: &[Vec<u8>],
+        ) -> Result<u64, TransferError> {
             self.layout.check_write(dst_blocks, blocks)?;
             self.ctx.make_current()?;
             let chunk = self.layout.layer_block_bytes();
@@ -319,8 +357,16 @@ mod tests {
             elem_bytes: 4,
             num_blocks: 2,
         };
-        let sink = KvSink::new(layout, &[TransferBackend::Cuda], IpAddr::V4(Ipv4Addr::LOCALHOST)).await;
+        let sink = KvSink::new(
+            layout,
+            &[TransferBackend::Cuda],
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+        )
+        .await;
         let err = sink.err().expect("no libcuda, yet a CUDA sink");
-        assert!(matches!(&err, TransferError::Cuda(m) if m.contains("not present")), "{err}");
+        assert!(
+            matches!(&err, TransferError::Cuda(m) if m.contains("not present")),
+            "{err}"
+        );
     }
 }

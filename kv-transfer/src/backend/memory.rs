@@ -49,7 +49,11 @@ impl KvTransfer for HostWriter {
         self.backend
     }
 
-    async fn write_blocks(&self, dst_blocks: &[u32], blocks: &[Vec<u8>]) -> Result<u64, TransferError> {
+    async fn write_blocks(
+        &self,
+        dst_blocks: &[u32],
+        blocks: &[Vec<u8>],
+    ) -> Result<u64, TransferError> {
         // Inline rather than on a blocking thread: a memcpy at memory bandwidth finishes a
         // prompt's blocks in milliseconds, less than handing the slices to another thread
         // would cost in copies (the caller's buffers are borrowed, not owned).

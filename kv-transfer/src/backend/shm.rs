@@ -44,7 +44,11 @@ impl Drop for ShmFile {
 
 /// Creates a fresh zero-filled file of `len` bytes and maps it.
 pub(crate) fn create(len: usize) -> Result<(HostMemory, ShmFile), TransferError> {
-    let name = format!("{PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>());
+    let name = format!(
+        "{PREFIX}{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    );
     let path = Path::new(SHM_DIR).join(name);
     // create_new: a name clash must never make two sinks share a cache.
     let file = OpenOptions::new()
@@ -76,7 +80,10 @@ pub(crate) fn open(path: &str, layout: &KvLayout) -> Result<HostMemory, Transfer
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with(PREFIX));
     if !is_ours {
-        return Err(shm_err(path, format!("not a Baton KV segment (`{SHM_DIR}/{PREFIX}*`)")));
+        return Err(shm_err(
+            path,
+            format!("not a Baton KV segment (`{SHM_DIR}/{PREFIX}*`)"),
+        ));
     }
     let expected = layout.checked_total_bytes()?;
     let file = OpenOptions::new()
@@ -97,6 +104,7 @@ pub(crate) fn open(path: &str, layout: &KvLayout) -> Result<HostMemory, Transfer
     // SAFETY: the sink owning the file keeps its length fixed; should it exit, the file is
     // unlinked but the pages stay until this mapping goes too. Only a foreign process
     // truncating the 0600 file could fault us, which this crate never does.
-    let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| shm_err(path, format!("mmap: {e}")))?;
+    let map =
+        unsafe { MmapMut::map_mut(&file) }.map_err(|e| shm_err(path, format!("mmap: {e}")))?;
     Ok(HostMemory::from_mapping(map))
 }

@@ -254,8 +254,14 @@ impl TcpWriter {
         })
     }
 
-    async fn send(&self, conn: &mut Option<TcpStream>, ids: &[u32], blocks: &[Vec<u8>]) -> Result<u64, TransferError> {
-        for attempt in 0..2 {
+    async fn send(
+        &self,
+        conn: &mut Option<TcpStream>,
+        ids: &[u32],
+        blocks: &[Vec<u8>],
+    ) -> Result<u64, TransferError> {
+        let mut retried = false;
+        loop {
             let mut stream = match conn.take() {
                 Some(stream) => stream,
                 None => dial(&self.addr).await?,
@@ -266,17 +272,20 @@ impl TcpWriter {
                     return Ok(bytes);
                 }
                 Err(Exchange::Refused(message)) => {
-                    return Err(tcp_err(&self.addr, format!("the KV server refused the write: {message}")));
+                    return Err(tcp_err(
+                        &self.addr,
+                        format!("the KV server refused the write: {message}"),
+                    ));
                 }
                 // Rewriting the same bytes to the same blocks is harmless, so one retry on a
                 // fresh connection covers a server that restarted or dropped an idle link.
-                Err(Exchange::Io(e)) if attempt == 0 => {
+                Err(Exchange::Io(e)) if !retried => {
                     tracing::debug!(addr = %self.addr, error = %e, "KV write failed; reconnecting");
+                    retried = true;
                 }
                 Err(Exchange::Io(e)) => return Err(tcp_err(&self.addr, e)),
             }
         }
-        unreachable!("the second attempt returns")
     }
 }
 
@@ -316,7 +325,12 @@ impl From<io::Error> for Exchange {
     }
 }
 
-async fn exchange(stream: &mut TcpStream, layout: &KvLayout, ids: &[u32], blocks: &[Vec<u8>]) -> Result<u64, Exchange> {
+async fn exchange(
+    stream: &mut TcpStream,
+    layout: &KvLayout,
+    ids: &[u32],
+    blocks: &[Vec<u8>],
+) -> Result<u64, Exchange> {
     let mut header = Vec::with_capacity(HEADER_BYTES + 4 * ids.len());
     header.extend_from_slice(&MAGIC);
     header.extend_from_slice(&(ids.len() as u32).to_le_bytes());
@@ -342,7 +356,9 @@ async fn exchange(stream: &mut TcpStream, layout: &KvLayout, ids: &[u32], blocks
             }
             let mut message = vec![0u8; len as usize];
             stream.read_exact(&mut message).await?;
-            Err(Exchange::Refused(String::from_utf8_lossy(&message).into_owned()))
+            Err(Exchange::Refused(
+                String::from_utf8_lossy(&message).into_owned(),
+            ))
         }
         other => Err(Exchange::Io(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -357,7 +373,11 @@ impl KvTransfer for TcpWriter {
         TransferBackend::Tcp
     }
 
-    async fn write_blocks(&self, dst_blocks: &[u32], blocks: &[Vec<u8>]) -> Result<u64, TransferError> {
+    async fn write_blocks(
+        &self,
+        dst_blocks: &[u32],
+        blocks: &[Vec<u8>],
+    ) -> Result<u64, TransferError> {
         self.layout.check_write(dst_blocks, blocks)?;
         // One writer's requests go in order on its connection.
         let mut conn = self.conn.lock().await;
@@ -365,7 +385,10 @@ impl KvTransfer for TcpWriter {
         // The server takes at most `num_blocks` ids per request (so a garbage count cannot
         // make it allocate); longer writes go as several requests.
         let per_request = self.layout.num_blocks.max(1);
-        for (ids, data) in dst_blocks.chunks(per_request).zip(blocks.chunks(per_request)) {
+        for (ids, data) in dst_blocks
+            .chunks(per_request)
+            .zip(blocks.chunks(per_request))
+        {
             written += self.send(&mut conn, ids, data).await?;
         }
         Ok(written)
