@@ -8,83 +8,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::procs::Proc;
 use common::{
     client, collect_stream, decisions_by_worker, get_text, metric, post_json, wait_for, Sse,
 };
 use serde_json::{json, Value};
 use test_support::EtcdServer;
 use test_support::NatsServer;
-
-/// Short leases so a dead worker leaves routing quickly.
-const LEASE_TTL: &str = "2";
-
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, args: &[&str], nats: &str, etcd: &str) -> Proc {
-        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("distributed-{name}-{}.log", std::process::id()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
-        for (key, _) in std::env::vars() {
-            if key.starts_with("BATON_") || key == "NATS_SERVER" || key == "ETCD_ENDPOINTS" {
-                cmd.env_remove(key);
-            }
-        }
-        let child = cmd
-            .args(args)
-            .args(["--nats-server", nats, "--etcd-endpoints", etcd])
-            .args(["--lease-ttl", LEASE_TTL, "--num-kv-blocks", "48"])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawning baton");
-        Proc { child, log }
-    }
-
-    /// Reads stdout until the frontend's listening line; returns the base URL.
-    fn listening(&mut self) -> String {
-        let stdout = self.child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("baton: listening on ") {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("no listening line; {}", self.log_tail()))
-    }
-
-    fn log_tail(&self) -> String {
-        format!(
-            "log {}:\n{}",
-            self.log.display(),
-            test_support::log_tail(&self.log, 30)
-        )
-    }
-
-    fn signal(&self, signal: i32) {
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, signal);
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn workers_healthy(base: &str, want: u64) -> bool {
     let (ok, _) = wait_for(Duration::from_secs(60), || async {

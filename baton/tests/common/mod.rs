@@ -13,6 +13,7 @@
 // Each binary uses only some of these helpers.
 #![allow(dead_code)]
 
+pub mod procs;
 mod requests;
 mod streams;
 
