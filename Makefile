@@ -19,9 +19,12 @@ build: setup
 serve: build
 	./target/release/baton serve $(ARGS)
 
-# Every Rust test, then the official `openai` Python client against a real `baton serve`.
+# Every Rust test, a build check of the CUDA KV-transfer backend (cudarc loads the driver at run
+# time, so it builds without a GPU), then the official `openai` Python client against a real
+# `baton serve`.
 test: build
 	cargo test --workspace --release --no-fail-fast
+	cargo check --release -p baton-kv-transfer --features cuda
 	./scripts/test-openai-client
 
 bench-engine: setup

@@ -313,14 +313,19 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
                 .or(baton.remote_prefill_timeout)
                 .unwrap_or(d.remote_prefill_timeout.as_secs_f64());
             if !(secs.is_finite() && secs > 0.0) {
-                bail!("`--remote-prefill-timeout` must be a positive number of seconds, not {secs}");
+                bail!(
+                    "`--remote-prefill-timeout` must be a positive number of seconds, not {secs}"
+                );
             }
             Duration::from_secs_f64(secs)
         },
     };
     let prefill_workers = if remote_prefill {
         args.prefill_workers
-            .or(prefill_section.service_args.as_ref().and_then(|s| s.workers))
+            .or(prefill_section
+                .service_args
+                .as_ref()
+                .and_then(|s| s.workers))
             .unwrap_or(1)
     } else {
         0

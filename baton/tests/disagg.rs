@@ -76,18 +76,41 @@ async fn workers_ready(base: &str) -> bool {
 /// remote through `backend`.
 fn disaggregated(ns: &str, backend: &str, prefill: usize, nats: &str, etcd: &str) -> Vec<Proc> {
     let flags = [
-        "--namespace", ns, "--remote-prefill", "true", "--conditional-disagg", "false",
-        "--kv-transfer", backend, "--dtype", "f32", "--block-size", "16",
-        "--remote-prefill-timeout", "4", "--num-kv-blocks", "400",
+        "--namespace",
+        ns,
+        "--remote-prefill",
+        "true",
+        "--conditional-disagg",
+        "false",
+        "--kv-transfer",
+        backend,
+        "--dtype",
+        "f32",
+        "--block-size",
+        "16",
+        "--remote-prefill-timeout",
+        "4",
+        "--num-kv-blocks",
+        "400",
     ];
     fn with<'a>(component: &'a str, flags: &[&'a str]) -> Vec<&'a str> {
         let mut v = vec!["run", component];
         v.extend(flags);
         v
     }
-    let mut procs = vec![Proc::spawn(&format!("{ns}-decode"), &with("decode-worker", &flags), nats, etcd)];
+    let mut procs = vec![Proc::spawn(
+        &format!("{ns}-decode"),
+        &with("decode-worker", &flags),
+        nats,
+        etcd,
+    )];
     for i in 0..prefill {
-        procs.push(Proc::spawn(&format!("{ns}-prefill{i}"), &with("prefill-worker", &flags), nats, etcd));
+        procs.push(Proc::spawn(
+            &format!("{ns}-prefill{i}"),
+            &with("prefill-worker", &flags),
+            nats,
+            etcd,
+        ));
     }
     let mut front = with("frontend", &flags);
     front.extend(["--port", "0"]);
@@ -113,15 +136,26 @@ async fn processes_disaggregate_over_shm_and_tcp_and_survive_a_killed_prefill_wo
         assert!(workers_ready(&base).await, "{}", procs[0].log_tail());
         for (i, (prompt, n)) in cases.iter().enumerate() {
             let got = complete(&base, prompt, *n, false).await;
-            assert_eq!(got, want[i], "{backend}: golden case {i}\n{}", procs[1].log_tail());
+            assert_eq!(
+                got,
+                want[i],
+                "{backend}: golden case {i}\n{}",
+                procs[1].log_tail()
+            );
         }
         let (ok, m) = wait_for(Duration::from_secs(5), || async {
             let m = metrics(&base).await;
-            (metric(&m, "baton_prefill_total{where=\"remote\"}") == Some(10.0), m)
+            (
+                metric(&m, "baton_prefill_total{where=\"remote\"}") == Some(10.0),
+                m,
+            )
         })
         .await;
         assert!(ok, "{backend}: ten remote prefills\n{m}");
-        let bytes = metric(&m, &format!("baton_kv_transfer_bytes_total{{backend=\"{backend}\"}}"));
+        let bytes = metric(
+            &m,
+            &format!("baton_kv_transfer_bytes_total{{backend=\"{backend}\"}}"),
+        );
         assert!(bytes.unwrap_or(0.0) > 0.0, "{backend}: bytes moved\n{m}");
         drop(procs);
     }
@@ -165,8 +199,18 @@ async fn the_seed_config_runs_embedded_and_its_thresholds_change_through_the_adm
     static S: OnceLock<Result<Server, String>> = OnceLock::new();
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/disagg.yaml");
     let args: &'static [&'static str] = Box::leak(Box::new([
-        "-f", config, "--model", "smollm2", "--served-model-name", "smollm2", "--dtype", "f32",
-        "--prefill-workers", "1", "--api-key", "secret",
+        "-f",
+        config,
+        "--model",
+        "smollm2",
+        "--served-model-name",
+        "smollm2",
+        "--dtype",
+        "f32",
+        "--prefill-workers",
+        "1",
+        "--api-key",
+        "secret",
     ]));
     let server = once_server(&S, "disagg-embedded", args);
     let reference = aggregated();
@@ -190,14 +234,30 @@ async fn the_seed_config_runs_embedded_and_its_thresholds_change_through_the_adm
     // The admin endpoint needs the key, and names a bad field.
     let url = server.url("/admin/disagg");
     let body = json!({"max-local-prefill-length": 100000, "max-prefill-queue-size": 2});
-    let status = client().post(&url).json(&body).send().await.unwrap().status();
+    let status = client()
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, 401);
-    let bad = auth(client().post(&url)).json(&json!({"max-local": 1})).send().await.unwrap();
+    let bad = auth(client().post(&url))
+        .json(&json!({"max-local": 1}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
     assert!(bad.text().await.unwrap().contains("max-local"));
     let ok = auth(client().post(&url)).json(&body).send().await.unwrap();
     assert_eq!(ok.status(), 200);
-    let read: Value = auth(client().get(&url)).send().await.unwrap().json().await.unwrap();
+    let read: Value = auth(client().get(&url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(read, body);
     // Raised threshold: a new long prompt now stays local.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -211,5 +271,9 @@ async fn the_seed_config_runs_embedded_and_its_thresholds_change_through_the_adm
     })
     .await;
     assert!(ok, "{text}");
-    assert_eq!(m(&text, "baton_prefill_total{where=\"remote\"}"), 1.0, "{text}");
+    assert_eq!(
+        m(&text, "baton_prefill_total{where=\"remote\"}"),
+        1.0,
+        "{text}"
+    );
 }

@@ -89,7 +89,10 @@ impl DisaggState {
     }
 
     pub fn config(&self) -> DisaggConfig {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn set_thresholds(&self, t: DisaggThresholds) {
@@ -110,7 +113,9 @@ impl DisaggState {
     /// Decides for one prompt; a remote placement counts as queued at once, so a burst of
     /// requests between two queue polls does not overfill the queue.
     pub fn place(&self, prompt_len: usize, prefix_hit_len: usize) -> Placement {
-        let placement = self.config().place(prompt_len, prefix_hit_len, self.queue_len());
+        let placement = self
+            .config()
+            .place(prompt_len, prefix_hit_len, self.queue_len());
         if placement == Placement::Remote {
             self.queue_len.fetch_add(1, Ordering::Relaxed);
         }
@@ -173,7 +178,11 @@ mod tests {
         let c = config(true, true);
         assert_eq!(c.place(10, 0, 0), Local, "at the threshold");
         assert_eq!(c.place(11, 0, 0), Remote);
-        assert_eq!(c.place(138, 128, 0), Local, "the cached part does not count");
+        assert_eq!(
+            c.place(138, 128, 0),
+            Local,
+            "the cached part does not count"
+        );
         assert_eq!(c.place(11, 0, 1), Remote);
         assert_eq!(c.place(11, 0, 2), LocalQueueFull);
     }

@@ -16,7 +16,7 @@ pub mod kv_state;
 pub mod remote_prefill;
 pub mod service;
 
+pub use disagg::{disagg_setting_key, DisaggConfig, DisaggState, DisaggThresholds, Placement};
 pub use engine_host::{EngineEvent, EngineHost};
 pub use error::WorkerError;
-pub use disagg::{disagg_setting_key, DisaggConfig, DisaggState, DisaggThresholds, Placement};
 pub use service::{worker_endpoint, DecodeWorker, Disaggregation, KV_TRANSFER_KEY};

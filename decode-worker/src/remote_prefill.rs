@@ -216,7 +216,10 @@ mod tests {
         assert!(!t.notice(done("r")).accepted, "a completion needs a claim");
         assert!(t.notice(claim("r", 1)).accepted);
         assert!(!t.notice(claim("r", 1)).accepted, "same delivery twice");
-        assert!(t.notice(claim("r", 2)).accepted, "a redelivery may take over");
+        assert!(
+            t.notice(claim("r", 2)).accepted,
+            "a redelivery may take over"
+        );
         assert!(t.notice(done("r")).accepted);
         assert!(!t.notice(done("r")).accepted, "duplicate");
         assert!(!t.notice(claim("r", 3)).accepted, "served");
@@ -229,7 +232,10 @@ mod tests {
         let t = RemotePrefills::new();
         let _rx = t.open("a");
         assert_eq!(t.expire("a", Duration::from_secs(5)), Expiry::Expired);
-        assert!(!t.notice(claim("a", 1)).accepted, "a claim after the expiry is refused");
+        assert!(
+            !t.notice(claim("a", 1)).accepted,
+            "a claim after the expiry is refused"
+        );
 
         let _rx = t.open("b");
         assert!(t.notice(claim("b", 1)).accepted);
@@ -250,8 +256,14 @@ mod tests {
         let mut b = t.open("b");
         assert!(t.notice(claim("b", 1)).accepted);
         assert!(!t.cancel("b"), "its claimant may be writing");
-        assert!(!t.notice(claim("b", 2)).accepted, "no new claim after a cancel");
-        assert!(t.notice(done("b")).accepted, "the claimant's completion is taken");
+        assert!(
+            !t.notice(claim("b", 2)).accepted,
+            "no new claim after a cancel"
+        );
+        assert!(
+            t.notice(done("b")).accepted,
+            "the claimant's completion is taken"
+        );
         assert!(matches!(b.try_recv(), Ok(Outcome::Done { .. })));
     }
 

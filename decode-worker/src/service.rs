@@ -383,7 +383,10 @@ async fn await_remote(
         record(&ctx.counters, |c| c.fallback(reason));
     };
     if let Err(e) = ctx.queue.enqueue(bytes).await {
-        tracing::warn!(request = id, "cannot queue the prefill, prefilling locally: {e}");
+        tracing::warn!(
+            request = id,
+            "cannot queue the prefill, prefilling locally: {e}"
+        );
         ctx.table.remove(id);
         give_up("failed");
         host.prefill_locally(id);
@@ -450,7 +453,11 @@ async fn await_remote(
     }
 }
 
-async fn handle(host: Arc<EngineHost>, incoming: IncomingRequest, remote: Option<Arc<RemoteContext>>) {
+async fn handle(
+    host: Arc<EngineHost>,
+    incoming: IncomingRequest,
+    remote: Option<Arc<RemoteContext>>,
+) {
     let IncomingRequest {
         payload,
         mut response,

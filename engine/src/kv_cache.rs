@@ -106,7 +106,10 @@ impl KvCache {
         if !matches {
             return Err(EngineError::InvalidParameter {
                 param: "kv_memory",
-                reason: format!("memory on {:?} for a cache on {device:?}", memory.location()),
+                reason: format!(
+                    "memory on {:?} for a cache on {device:?}",
+                    memory.location()
+                ),
             });
         }
         let shape = [

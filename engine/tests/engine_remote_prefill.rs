@@ -266,14 +266,21 @@ fn prefill_only_then_transfer_decodes_what_an_aggregated_run_does_greedy_and_see
     for params in [fixed_length(8), seeded] {
         let reference = run_one(&mut tiny_engine(options()), p.clone(), params.clone()).tokens;
         let (first, kv) = prefill_elsewhere(&p, &params);
-        assert_eq!(first.token, reference[0], "the prefill worker's first token");
+        assert_eq!(
+            first.token, reference[0],
+            "the prefill worker's first token"
+        );
 
         let mut decode = tiny_engine(options());
         let slot = decode
             .add_remote_prefill_request(request("r", p.clone(), params.clone()))
             .expect("accepted");
-        decode.write_kv_blocks(&slot.block_ids, &kv).expect("written");
-        let resumed = decode.complete_remote_prefill("r", first).expect("completes");
+        decode
+            .write_kv_blocks(&slot.block_ids, &kv)
+            .expect("written");
+        let resumed = decode
+            .complete_remote_prefill("r", first)
+            .expect("completes");
         assert_eq!(
             tokens_after(&mut decode, "r", &resumed),
             reference,
@@ -313,5 +320,8 @@ fn the_cached_prefix_seen_by_the_disaggregation_rule_has_no_side_effects() {
     run_one(&mut engine, p.clone(), fixed_length(2));
     let before = engine.stats();
     assert_eq!(engine.cached_prefix_len(&p), 12, "three full blocks of 4");
-    assert_eq!(engine.stats().prefix_query_tokens, before.prefix_query_tokens);
+    assert_eq!(
+        engine.stats().prefix_query_tokens,
+        before.prefix_query_tokens
+    );
 }

@@ -112,7 +112,11 @@ fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>, used: Arc<AtomicUsize>
     }
 }
 
-fn prefill(engine: &mut Engine, request: Request, from_block: usize) -> Result<Prefilled, PrefillError> {
+fn prefill(
+    engine: &mut Engine,
+    request: Request,
+    from_block: usize,
+) -> Result<Prefilled, PrefillError> {
     let id = request.request_id.clone();
     engine
         .add_prefill_request(request)

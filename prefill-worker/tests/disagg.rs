@@ -24,11 +24,19 @@ async fn golden_prompts_decode_the_same_aggregated_remote_and_conditional_over_e
     assert_eq!(g.counters().remote, 0);
     g.stop();
 
-    for backend in [TransferBackend::Memory, TransferBackend::Shm, TransferBackend::Tcp] {
+    for backend in [
+        TransferBackend::Memory,
+        TransferBackend::Shm,
+        TransferBackend::Tcp,
+    ] {
         let g = graph(GraphSpec::new(&model, rule(false, 0, 0), backend)).await;
         g.assert_golden(&format!("remote-{backend}")).await;
         let c = g.counters();
-        assert_eq!((c.remote, c.local), (10, 0), "{backend}: every prefill remote");
+        assert_eq!(
+            (c.remote, c.local),
+            (10, 0),
+            "{backend}: every prefill remote"
+        );
         assert!(c.fallbacks.values().all(|&n| n == 0), "{backend}: {c:?}");
         assert_eq!(c.transfers, 10);
         assert!(c.transfer_bytes[backend.as_str()] > 0, "{c:?}");
@@ -38,7 +46,12 @@ async fn golden_prompts_decode_the_same_aggregated_remote_and_conditional_over_e
 
     // Conditional: prompts with more than 40 uncached tokens go remote, the rest stay. The
     // chat cases share their template's opening, so some long ones find it cached.
-    let g = graph(GraphSpec::new(&model, rule(true, 40, 100), TransferBackend::Shm)).await;
+    let g = graph(GraphSpec::new(
+        &model,
+        rule(true, 40, 100),
+        TransferBackend::Shm,
+    ))
+    .await;
     g.assert_golden("conditional").await;
     let long = golden().iter().filter(|c| c.prompt.len() > 40).count() as u64;
     let c = g.counters();
@@ -54,7 +67,12 @@ async fn thresholds_and_a_full_queue_decide_where_prefills_run() {
     let prompt: Vec<u32> = golden()[4].prompt.clone(); // 312 tokens
     let short: Vec<u32> = prompt[..30].to_vec();
 
-    let g = graph(GraphSpec::new(&model, rule(true, 100, 5), TransferBackend::Memory)).await;
+    let g = graph(GraphSpec::new(
+        &model,
+        rule(true, 100, 5),
+        TransferBackend::Memory,
+    ))
+    .await;
     g.tokens(greedy("short", short.clone(), 2, true)).await;
     assert_eq!((g.counters().local, g.counters().remote), (1, 0), "below");
     g.tokens(greedy("long", prompt.clone(), 2, true)).await;
@@ -65,7 +83,12 @@ async fn thresholds_and_a_full_queue_decide_where_prefills_run() {
     g.stop();
 
     // A queue of size 0 is always full: long prompts stay local and are counted as such.
-    let g = graph(GraphSpec::new(&model, rule(true, 10, 0), TransferBackend::Memory)).await;
+    let g = graph(GraphSpec::new(
+        &model,
+        rule(true, 10, 0),
+        TransferBackend::Memory,
+    ))
+    .await;
     g.tokens(greedy("full", prompt.clone(), 2, true)).await;
     let c = g.counters();
     assert_eq!((c.local, c.remote), (1, 0));
@@ -81,9 +104,17 @@ async fn a_prefill_worker_with_another_layout_is_refused_and_the_request_prefill
     let g = graph(spec).await;
     let case = &golden()[1];
     let got = g
-        .tokens(greedy("mismatch", case.prompt.clone(), case.greedy.len(), false))
+        .tokens(greedy(
+            "mismatch",
+            case.prompt.clone(),
+            case.greedy.len(),
+            false,
+        ))
         .await;
-    assert_eq!(got, case.greedy, "the local prefill gives the reference tokens");
+    assert_eq!(
+        got, case.greedy,
+        "the local prefill gives the reference tokens"
+    );
     let c = g.counters();
     assert_eq!(c.fallbacks["failed"], 1, "{c:?}");
     assert_eq!(c.transfers, 0, "nothing was written");
@@ -94,14 +125,23 @@ async fn a_prefill_worker_with_another_layout_is_refused_and_the_request_prefill
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_requests_cancelled_mid_prefill_leak_no_block_on_either_side() {
     let model = model();
-    let g = graph(GraphSpec::new(&model, rule(false, 0, 0), TransferBackend::Shm)).await;
+    let g = graph(GraphSpec::new(
+        &model,
+        rule(false, 0, 0),
+        TransferBackend::Shm,
+    ))
+    .await;
     let base = golden()[4].prompt.clone();
     let cancels = (0..100).map(|i| {
         let mut prompt = base.clone();
         prompt[0] = 1000 + i as u32; // no shared prefix between them
         let g = &g;
         async move {
-            let mut stream = g.router.generate(greedy(&format!("c{i}"), prompt, 8, true)).await.unwrap();
+            let mut stream = g
+                .router
+                .generate(greedy(&format!("c{i}"), prompt, 8, true))
+                .await
+                .unwrap();
             // Gone while queued, while claimed and computing, or right after the transfer.
             let wait = Duration::from_millis((i % 10) as u64 * 15);
             let _ = tokio::time::timeout(wait, stream.next()).await;
@@ -112,7 +152,14 @@ async fn a_hundred_requests_cancelled_mid_prefill_leak_no_block_on_either_side()
     g.assert_no_blocks_held("after 100 cancellations").await;
     // The graph still serves.
     let case = &golden()[0];
-    let got = g.tokens(greedy("after", case.prompt.clone(), case.greedy.len(), false)).await;
+    let got = g
+        .tokens(greedy(
+            "after",
+            case.prompt.clone(),
+            case.greedy.len(),
+            false,
+        ))
+        .await;
     assert_eq!(got, case.greedy);
     g.stop();
 }
@@ -139,7 +186,10 @@ async fn requests_whose_prefill_worker_vanishes_complete_locally_and_once() {
         let a = graph(GraphSpec::new(&model, aggregated, TransferBackend::Memory)).await;
         let mut out = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
-            out.push(a.tokens(greedy(&format!("ref{i}"), p.clone(), 4, true)).await);
+            out.push(
+                a.tokens(greedy(&format!("ref{i}"), p.clone(), 4, true))
+                    .await,
+            );
         }
         a.stop();
         out
@@ -160,7 +210,11 @@ async fn requests_whose_prefill_worker_vanishes_complete_locally_and_once() {
             }
         }
     };
-    assert_eq!(results, reference, "every request completes with its own tokens, once");
-    g.assert_no_blocks_held("after the prefill worker vanished").await;
+    assert_eq!(
+        results, reference,
+        "every request completes with its own tokens, once"
+    );
+    g.assert_no_blocks_held("after the prefill worker vanished")
+        .await;
     g.stop();
 }

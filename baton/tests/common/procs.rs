@@ -75,4 +75,3 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
-

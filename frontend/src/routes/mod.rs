@@ -30,7 +30,10 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
         .route("/v1/models", get(status::models))
-        .route("/admin/disagg", get(admin::get_disagg).post(admin::set_disagg))
+        .route(
+            "/admin/disagg",
+            get(admin::get_disagg).post(admin::set_disagg),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     axum::Router::new()
         .merge(api)

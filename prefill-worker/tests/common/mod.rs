@@ -125,9 +125,14 @@ pub async fn graph(spec: GraphSpec<'_>) -> Graph {
     let (engine, _) = spec.model.engine_in(&opts, Some(sink.memory())).unwrap();
     let state = DisaggState::new(spec.disagg);
     let host = EngineHost::start_with(engine, None, "decode-test", Some(state.clone())).unwrap();
-    let decode = DecodeWorker::start_with(host, &planes, "smollm2", Some(Disaggregation { state, sink }))
-        .await
-        .unwrap();
+    let decode = DecodeWorker::start_with(
+        host,
+        &planes,
+        "smollm2",
+        Some(Disaggregation { state, sink }),
+    )
+    .await
+    .unwrap();
     let mut prefill = Vec::new();
     for i in 0..spec.prefill_workers {
         let layout = spec.model.kv_layout(&spec.prefill_options).unwrap();
@@ -190,14 +195,24 @@ impl Graph {
         for case in golden() {
             let n = case.greedy.len();
             let got = self
-                .tokens(greedy(&format!("{what}-{}", case.id), case.prompt.clone(), n, false))
+                .tokens(greedy(
+                    &format!("{what}-{}", case.id),
+                    case.prompt.clone(),
+                    n,
+                    false,
+                ))
                 .await;
             assert_eq!(got, case.greedy, "{what}: golden case {}", case.id);
         }
     }
 
     pub fn counters(&self) -> PrefillCounters {
-        self.decode.host().prefill_counters().lock().unwrap().clone()
+        self.decode
+            .host()
+            .prefill_counters()
+            .lock()
+            .unwrap()
+            .clone()
     }
 
     /// Waits until neither side holds a block for a request.
@@ -205,8 +220,7 @@ impl Graph {
         for _ in 0..1000 {
             let load = self.decode.host().load();
             let prefill: usize = self.prefill.iter().map(|p| p.kv_blocks_used()).sum();
-            if load.kv_blocks_used == 0 && load.running == 0 && load.waiting == 0 && prefill == 0
-            {
+            if load.kv_blocks_used == 0 && load.running == 0 && load.waiting == 0 && prefill == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -87,8 +87,9 @@ pub struct NoticeReply {
 }
 
 /// Upper bounds (seconds) of the KV-transfer time histogram.
-pub const TRANSFER_SECONDS_BUCKETS: [f64; 10] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+pub const TRANSFER_SECONDS_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 
 /// A decode worker's disaggregation counters since start, carried in its load report.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -150,7 +151,11 @@ mod tests {
         c.record_transfer("shm", 5, 7.0);
         assert_eq!(c.transfer_bytes["shm"], 15);
         assert_eq!(c.transfer_buckets[3], 1, "0.003 ≤ 0.005");
-        assert_eq!(*c.transfer_buckets.last().unwrap(), 1, "beyond the last bound");
+        assert_eq!(
+            *c.transfer_buckets.last().unwrap(),
+            1,
+            "beyond the last bound"
+        );
         assert_eq!(c.transfers, 2);
     }
 }
