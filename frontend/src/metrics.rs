@@ -360,6 +360,16 @@ mod tests {
                 waiting: 1,
                 prefix_hit_tokens: 30,
                 prefix_query_tokens: 100,
+                prefill: {
+                    let mut p = runtime::protocol::PrefillCounters {
+                        local: 2,
+                        remote: 3,
+                        ..Default::default()
+                    };
+                    p.fallback("timeout");
+                    p.record_transfer("shm", 1000, 0.002);
+                    p
+                },
             },
             WorkerLoad {
                 instance_id: 2,
@@ -369,6 +379,14 @@ mod tests {
                 waiting: 0,
                 prefix_hit_tokens: 20,
                 prefix_query_tokens: 100,
+                prefill: {
+                    let mut p = runtime::protocol::PrefillCounters {
+                        remote: 1,
+                        ..Default::default()
+                    };
+                    p.record_transfer("shm", 500, 0.02);
+                    p
+                },
             },
         ]);
         let text = m.render();
@@ -378,6 +396,17 @@ mod tests {
         assert_line(&text, "baton_waiting_sequences 1");
         assert_line(&text, "baton_prefix_cache_hit_rate 0.25");
         assert_line(&text, "baton_workers 2");
+        assert_line(&text, "baton_prefill_total{where=\"remote\"} 4");
+        assert_line(&text, "baton_prefill_total{where=\"local\"} 2");
+        assert_line(&text, "baton_prefill_fallbacks_total{reason=\"timeout\"} 1");
+        assert_line(
+            &text,
+            "baton_prefill_fallbacks_total{reason=\"queue_full\"} 0",
+        );
+        assert_line(&text, "baton_kv_transfer_bytes_total{backend=\"shm\"} 1500");
+        assert_line(&text, "baton_kv_transfer_seconds_count 2");
+        assert_line(&text, "baton_kv_transfer_seconds_bucket{le=\"0.0025\"} 1");
+        assert_line(&text, "baton_kv_transfer_seconds_bucket{le=\"0.025\"} 2");
         m.set_engine(&[]);
         let text = m.render();
         assert_line(&text, "baton_kv_blocks_used 0");

@@ -94,6 +94,7 @@ async fn the_discovery_contract_holds_over_etcd() {
     let etcd = EtcdServer::start().expect("etcd");
     let discovery = connect(&etcd, Duration::from_secs(10)).await;
     contract::watchers_see_instances_puts_and_deletes(&discovery, "contract").await;
+    contract::settings_are_read_and_followed(&discovery, "contract").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

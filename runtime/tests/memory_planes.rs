@@ -24,6 +24,7 @@ async fn the_request_plane_contract_holds_in_process() {
 #[tokio::test]
 async fn discovery_watchers_see_instances_puts_and_deletes() {
     contract::watchers_see_instances_puts_and_deletes(&MemoryDiscovery::new(), "t").await;
+    contract::settings_are_read_and_followed(&MemoryDiscovery::new(), "t").await;
 }
 
 #[tokio::test]

@@ -210,3 +210,36 @@ pub async fn jobs_are_acked_redelivered_and_nakked(q: &dyn WorkQueue, ack_wait: 
     );
     assert_eq!(q.pending().await.expect("pending"), 0);
 }
+
+/// Graph settings: unset reads `None`; a put reaches a watcher that started before it, a
+/// later watcher reads the latest value, and every later put reaches both.
+pub async fn settings_are_read_and_followed(discovery: &dyn Discovery, namespace: &str) {
+    let key = runtime::discovery::setting_key(namespace, "disagg");
+    let mut early = discovery.watch_setting(&key).await.expect("watch");
+    assert_eq!(*early.borrow(), None, "unset");
+    discovery
+        .put_setting(&key, serde_json::json!({"n": 1}))
+        .await
+        .expect("put");
+    tokio::time::timeout(Duration::from_secs(5), early.changed())
+        .await
+        .expect("the put reaches the watcher")
+        .unwrap();
+    assert_eq!(
+        *early.borrow_and_update(),
+        Some(serde_json::json!({"n": 1}))
+    );
+    let mut late = discovery.watch_setting(&key).await.expect("watch");
+    assert_eq!(*late.borrow_and_update(), Some(serde_json::json!({"n": 1})));
+    discovery
+        .put_setting(&key, serde_json::json!({"n": 2}))
+        .await
+        .expect("put");
+    for rx in [&mut early, &mut late] {
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("the second put arrives")
+            .unwrap();
+        assert_eq!(*rx.borrow(), Some(serde_json::json!({"n": 2})));
+    }
+}
