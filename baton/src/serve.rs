@@ -330,15 +330,26 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
     } else {
         0
     };
+    // Flags apply to both kinds of worker; each config section to its own.
     let prefill_engine = EngineOptions {
-        block_size: prefill_section.block_size.unwrap_or(engine.block_size),
+        block_size: args
+            .block_size
+            .or(prefill_section.block_size)
+            .unwrap_or(engine.block_size),
         num_blocks: None,
         kv_cache_bytes: args.prefill_kv_cache_mib << 20,
-        max_num_seqs: prefill_section.max_num_seqs.unwrap_or(engine.max_num_seqs),
-        max_num_batched_tokens: prefill_section
+        max_num_seqs: args
+            .max_num_seqs
+            .or(prefill_section.max_num_seqs)
+            .unwrap_or(engine.max_num_seqs),
+        max_num_batched_tokens: args
             .max_num_batched_tokens
+            .or(prefill_section.max_num_batched_tokens)
             .unwrap_or(engine.max_num_batched_tokens),
-        max_model_len: prefill_section.max_model_len.or(engine.max_model_len),
+        max_model_len: args
+            .max_model_len
+            .or(prefill_section.max_model_len)
+            .or(engine.max_model_len),
         kv_events: None,
         ..engine.clone()
     };

@@ -2,7 +2,8 @@
 //! and prefill workers (`baton run …`) with every prefill forced remote produce, for every
 //! golden prompt, the text an aggregated `baton serve` produces — over shared memory and over
 //! TCP; a prefill worker killed with SIGKILL during 20 long prompts loses none of them (each
-//! completes once, with the aggregated text) and leaves no KV block in use; the embedded
+//! completes once, with the aggregated text) and leaves no KV block in use; a prefill worker in
+//! its own network namespace (the seed's second node) moves KV over TCP; the embedded
 //! `baton serve -f configs/disagg.yaml` and the admin endpoint work as documented.
 
 mod common;
@@ -10,7 +11,7 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::procs::Proc;
+use common::procs::{NetNs, Proc};
 use common::{client, get_text, metric, once_server, post_json, wait_for, Server};
 use serde_json::{json, Value};
 use test_support::{EtcdServer, NatsServer};
@@ -192,6 +193,139 @@ async fn processes_disaggregate_over_shm_and_tcp_and_survive_a_killed_prefill_wo
     assert!(ok, "no KV block left in use on the decode worker\n{m}");
     let remote = metric(&m, "baton_prefill_total{where=\"remote\"}").unwrap_or(0.0);
     assert_eq!(remote, 20.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_nats_and_etcd_spawns_prefill_workers_and_the_conditional_rule_keeps_golden() {
+    let nats = NatsServer::start().expect("nats-server");
+    let etcd = EtcdServer::start().expect("etcd");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/disagg.yaml");
+    let args = [
+        "serve",
+        "-f",
+        config,
+        "--model",
+        "smollm2",
+        "--served-model-name",
+        "smollm2",
+        "--port",
+        "0",
+        "--namespace",
+        "graph",
+        "--dtype",
+        "f32",
+        "--block-size",
+        "16",
+        "--max-local-prefill-length",
+        "40",
+        "--max-prefill-queue-size",
+        "100",
+        "--prefill-workers",
+        "2",
+        "--num-kv-blocks",
+        "400",
+    ];
+    let mut graph = Proc::spawn("graph-serve", &args, &nats.url, &etcd.url);
+    let base = graph.listening();
+    assert!(workers_ready(&base).await, "{}", graph.log_tail());
+    let reference = aggregated();
+    for (i, (prompt, n)) in golden_prompts().iter().enumerate() {
+        let want = complete(&reference.base, prompt, *n, false).await;
+        assert_eq!(
+            complete(&base, prompt, *n, false).await,
+            want,
+            "golden case {i}"
+        );
+    }
+    let (ok, m) = wait_for(Duration::from_secs(5), || async {
+        let m = metrics(&base).await;
+        let n = |w: &str| metric(&m, &format!("baton_prefill_total{{where=\"{w}\"}}"));
+        let (local, remote) = (n("local").unwrap_or(0.0), n("remote").unwrap_or(0.0));
+        (local + remote == 10.0 && local >= 1.0 && remote >= 1.0, m)
+    })
+    .await;
+    assert!(
+        ok,
+        "both kinds of prefill, ten in all\n{m}\n{}",
+        graph.log_tail()
+    );
+    let shm = metric(&m, "baton_kv_transfer_bytes_total{backend=\"shm\"}").unwrap_or(0.0);
+    assert!(shm > 0.0, "one host: shared memory\n{m}");
+    graph.signal(libc::SIGINT);
+    let status = graph.child.wait().expect("the graph exits");
+    assert!(status.success(), "{status:?}\n{}", graph.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_worker_on_another_node_moves_kv_over_tcp() {
+    let ns = match NetNs::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            println!("skipped: network namespaces cannot be created here ({why})");
+            return;
+        }
+    };
+    // NATS and etcd listen on the host side of the veth pair, the one address both nodes reach.
+    let nats = NatsServer::start_on(ns.host_ip).expect("nats-server");
+    let etcd = EtcdServer::start_on(ns.host_ip).expect("etcd");
+    let host_ip = ns.host_ip.to_string();
+    let flags = [
+        "--namespace",
+        "multi-node",
+        "--remote-prefill",
+        "true",
+        "--conditional-disagg",
+        "false",
+        "--kv-transfer",
+        "tcp",
+        "--kv-host",
+        &host_ip,
+        "--dtype",
+        "f32",
+        "--block-size",
+        "16",
+        "--remote-prefill-timeout",
+        "20",
+    ];
+    let run = |component: &'static str| -> Vec<&str> {
+        let mut v = vec!["run", component];
+        v.extend(flags.iter().copied());
+        v
+    };
+    let (n, e) = (nats.url.as_str(), etcd.url.as_str());
+    let decode = Proc::spawn("node1-decode", &run("decode-worker"), n, e);
+    let prefill = Proc::spawn_in(
+        Some(&ns.name),
+        "node2-prefill",
+        &run("prefill-worker"),
+        n,
+        e,
+    );
+    let mut front_args = run("frontend");
+    front_args.extend(["--port", "0"]);
+    let mut front = Proc::spawn("node1-frontend", &front_args, n, e);
+    let base = front.listening();
+    assert!(workers_ready(&base).await, "{}", decode.log_tail());
+    let reference = aggregated();
+    let cases = golden_prompts();
+    for i in [4, 2, 5] {
+        let (prompt, tokens) = &cases[i];
+        let want = complete(&reference.base, prompt, *tokens, false).await;
+        let got = complete(&base, prompt, *tokens, false).await;
+        assert_eq!(got, want, "golden case {i}\n{}", prefill.log_tail());
+    }
+    let (ok, m) = wait_for(Duration::from_secs(5), || async {
+        let m = metrics(&base).await;
+        (
+            metric(&m, "baton_prefill_total{where=\"remote\"}") == Some(3.0),
+            m,
+        )
+    })
+    .await;
+    assert!(ok, "three remote prefills\n{m}\n{}", prefill.log_tail());
+    let tcp = metric(&m, "baton_kv_transfer_bytes_total{backend=\"tcp\"}").unwrap_or(0.0);
+    assert!(tcp > 0.0, "the KV crossed the veth pair over TCP\n{m}");
+    drop((front, prefill, decode));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

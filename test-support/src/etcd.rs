@@ -5,7 +5,9 @@
 use std::io;
 use std::time::Duration;
 
-use super::{free_port, on_free_port, venv_binary, LocalProcess, LocalServer};
+use std::net::IpAddr;
+
+use super::{free_port, on_free_port, venv_binary, LocalProcess, LocalServer, LOOPBACK};
 
 /// How long a fresh (or restarted) etcd gets to open its client port.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -18,14 +20,19 @@ pub type EtcdServer = LocalServer<Etcd>;
 impl LocalServer<Etcd> {
     /// Starts etcd on free ports and waits until its client port accepts connections.
     pub fn start() -> io::Result<Self> {
-        on_free_port(Self::start_once)
+        Self::start_on(LOOPBACK)
     }
 
-    fn start_once() -> io::Result<Self> {
+    /// As [`LocalServer::start`], clients on `host` only (peers stay on loopback).
+    pub fn start_on(host: IpAddr) -> io::Result<Self> {
+        on_free_port(|| Self::start_once(host))
+    }
+
+    fn start_once(host: IpAddr) -> io::Result<Self> {
         let port = free_port();
-        let client = format!("http://127.0.0.1:{port}");
+        let client = format!("http://{host}:{port}");
         let peer = format!("http://127.0.0.1:{}", free_port());
-        let mut process = LocalProcess::new("etcd", port, START_TIMEOUT)?;
+        let mut process = LocalProcess::new("etcd", host, port, START_TIMEOUT)?;
         // Every URL is explicit: etcd's defaults listen on localhost:2379/2380, which would
         // collide between parallel tests, and advertise a name that may not resolve.
         let args = vec![

@@ -25,7 +25,7 @@ fn on_free_port<T>(mut start: impl FnMut() -> std::io::Result<T>) -> std::io::Re
 /// `log_path` come from its [`LocalProcess`]. Dropping it kills the process and removes its
 /// folder.
 pub struct LocalServer<K> {
-    /// Client port on 127.0.0.1.
+    /// Client port (on 127.0.0.1 unless started `start_on` another address).
     pub port: u16,
     /// The URL clients connect to.
     pub url: String,
@@ -74,11 +74,19 @@ pub fn free_port() -> u16 {
         .expect("loopback has free ports")
 }
 
-/// Waits until `port` accepts connections.
+/// Waits until `port` of 127.0.0.1 accepts connections.
 pub fn wait_for_port(port: u16, timeout: std::time::Duration) -> bool {
+    wait_for_port_on(LOOPBACK, port, timeout)
+}
+
+/// 127.0.0.1, where every local server listens unless a test names another address.
+pub const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// Waits until `host:port` accepts connections.
+pub fn wait_for_port_on(host: std::net::IpAddr, port: u16, timeout: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpStream::connect((host, port)).is_ok() {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -102,12 +110,18 @@ pub struct LocalProcess {
     child: Option<std::process::Child>,
     /// The binary and its arguments, kept for restarts.
     command: Option<(PathBuf, Vec<std::ffi::OsString>)>,
+    host: std::net::IpAddr,
     port: u16,
     timeout: std::time::Duration,
 }
 
 impl LocalProcess {
-    fn new(name: &'static str, port: u16, timeout: std::time::Duration) -> std::io::Result<Self> {
+    fn new(
+        name: &'static str,
+        host: std::net::IpAddr,
+        port: u16,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<Self> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         loop {
@@ -120,6 +134,7 @@ impl LocalProcess {
                         dir,
                         child: None,
                         command: None,
+                        host,
                         port,
                         timeout,
                     })
@@ -156,7 +171,7 @@ impl LocalProcess {
             .stderr(log)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", binary.display())))?;
-        if !wait_for_port(self.port, self.timeout) {
+        if !wait_for_port_on(self.host, self.port, self.timeout) {
             let exited = child.try_wait().ok().flatten();
             let _ = child.kill();
             let _ = child.wait();

@@ -6,7 +6,9 @@
 use std::io;
 use std::time::Duration;
 
-use super::{free_port, on_free_port, venv_binary, LocalProcess, LocalServer};
+use std::net::IpAddr;
+
+use super::{free_port, on_free_port, venv_binary, LocalProcess, LocalServer, LOOPBACK};
 
 /// How long a fresh (or restarted) nats-server gets to open its port.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -19,15 +21,21 @@ pub type NatsServer = LocalServer<Nats>;
 impl LocalServer<Nats> {
     /// Starts nats-server on a free port and waits until it accepts connections.
     pub fn start() -> io::Result<Self> {
-        on_free_port(Self::start_once)
+        Self::start_on(LOOPBACK)
     }
 
-    fn start_once() -> io::Result<Self> {
+    /// As [`LocalServer::start`], listening on `host` only (an address a test gave an
+    /// interface it created, so a network namespace can reach it).
+    pub fn start_on(host: IpAddr) -> io::Result<Self> {
+        on_free_port(|| Self::start_once(host))
+    }
+
+    fn start_once(host: IpAddr) -> io::Result<Self> {
         let port = free_port();
-        let mut process = LocalProcess::new("nats", port, START_TIMEOUT)?;
+        let mut process = LocalProcess::new("nats", host, port, START_TIMEOUT)?;
         let args = vec![
             "-a".into(),
-            "127.0.0.1".into(),
+            host.to_string().into(),
             "-p".into(),
             port.to_string().into(),
             "-js".into(),
@@ -38,7 +46,7 @@ impl LocalServer<Nats> {
         process.launch(venv_binary("nats-server")?, args)?;
         Ok(Self {
             port,
-            url: format!("nats://127.0.0.1:{port}"),
+            url: format!("nats://{host}:{port}"),
             process,
             kind: std::marker::PhantomData,
         })
