@@ -242,6 +242,46 @@ impl SharedModel {
     }
 }
 
+/// An engine over the mock executor: `card` gives the vocabulary, EOS ids and context (so the
+/// frontend's tokenizer works unchanged), `roofline` the step time, `clock` where it passes.
+/// Without `opts.num_blocks`, the cache holds what fits beside the weights on the GPUs.
+pub fn mock_engine(
+    card: &ModelCard,
+    opts: &EngineOptions,
+    roofline: crate::mock::Roofline,
+    clock: Arc<dyn crate::mock::Clock>,
+) -> Result<Engine> {
+    opts.check()?;
+    let card = card.clone().with_max_model_len(opts.max_model_len);
+    let num_blocks = opts.num_blocks.unwrap_or_else(|| {
+        crate::mock::kv_blocks_that_fit(
+            &roofline.model,
+            &roofline.gpu,
+            roofline.tensor_parallel,
+            opts.block_size,
+        )
+    });
+    let executor = crate::mock::MockExecutor::new(
+        roofline,
+        clock,
+        num_blocks,
+        opts.block_size,
+        card.config.vocab_size,
+    );
+    let config = EngineConfig {
+        max_num_seqs: opts.max_num_seqs,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        enable_prefix_caching: opts.enable_prefix_caching,
+        eos_token_ids: card.eos_token_ids.clone(),
+        max_context: card.max_context,
+    };
+    Ok(Engine::new(
+        Box::new(executor),
+        config,
+        opts.kv_events.clone(),
+    ))
+}
+
 /// Takes the weights into a model on `opts.device` and returns one engine and the card.
 pub fn build_engine(loaded: LoadedModel, opts: &EngineOptions) -> Result<(Engine, ModelCard)> {
     opts.check()?;

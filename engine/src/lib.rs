@@ -2,7 +2,8 @@
 //! parameters; the scheduler batches running sequences step by step (continuous batching,
 //! chunked prefill, preemption), the block manager gives each sequence 128-token KV blocks from a
 //! paged cache with prefix reuse and reports Stored/Removed events for the KV router, and the
-//! executor runs the Llama model on tch (CPU or CUDA). Tokens go back to the worker as they are
+//! executor runs the Llama model on tch (CPU or CUDA), or `mock` simulates a 70B on H100/H200s
+//! with a roofline step time. Tokens go back to the worker as they are
 //! sampled; text is the processor's business, not the engine's.
 
 pub mod block_manager;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod executor;
 pub mod kv_cache;
 pub mod loader;
+pub mod mock;
 pub mod model;
 pub mod sampler;
 pub mod scheduler;
@@ -21,7 +23,8 @@ pub mod sequence;
 pub mod weights;
 
 pub use builder::{
-    auto_kind, build_engine, parse_device, parse_kind, resolve_kind, EngineOptions, SharedModel,
+    auto_kind, build_engine, mock_engine, parse_device, parse_kind, resolve_kind, EngineOptions,
+    SharedModel,
 };
 pub use card::ModelCard;
 pub use config::{LlamaConfig, RopeScaling};
