@@ -112,6 +112,39 @@ pub async fn decode_worker(
     Ok(worker)
 }
 
+/// A decode worker over the mock executor (`--executor mock`): `card`'s vocabulary and limits,
+/// the roofline's step times on a real clock divided by `--mock-speedup`.
+pub async fn mock_decode_worker(
+    planes: &Planes,
+    settings: &Resolved,
+    card: &ModelCard,
+    index: usize,
+) -> Result<DecodeWorker> {
+    let (roofline, speedup) = settings.mock.clone().context("not a mock graph")?;
+    let (kv_tx, kv_rx) = std::sync::mpsc::channel();
+    let opts = EngineOptions {
+        kv_events: Some(kv_tx),
+        ..settings.engine.clone()
+    };
+    tracing::info!(
+        gpu = roofline.gpu.name,
+        model = %roofline.model.name,
+        tensor_parallel = roofline.tensor_parallel,
+        speedup,
+        "simulated decode worker"
+    );
+    let clock = Arc::new(engine::mock::RealClock::new(speedup));
+    let engine = engine::mock_engine(card, &opts, roofline, clock)?;
+    let host = EngineHost::start(engine, Some(kv_rx), &format!("mock-{index}"))?;
+    let worker = DecodeWorker::start(host, planes, &settings.served_model_name).await?;
+    tracing::info!(
+        instance = worker.instance_id(),
+        index,
+        "decode worker ready"
+    );
+    Ok(worker)
+}
+
 /// A prefill worker over `model`'s shared weights with its own engine, consuming the
 /// graph's prefill queue.
 pub async fn prefill_worker(

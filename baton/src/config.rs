@@ -113,6 +113,14 @@ pub struct BatonSection {
     pub model: Option<String>,
     pub namespace: Option<String>,
     pub dtype: Option<String>,
+    /// `model` (the default) or `mock`: a simulated model on simulated GPUs.
+    pub executor: Option<String>,
+    /// The mock's GPU: `h100` or `h200`.
+    pub mock_gpu: Option<String>,
+    /// The mock's model shape (`deepseek-r1-distill-llama-70b`).
+    pub mock_model: Option<String>,
+    /// Divides the mock's sleeps; `inf` makes steps take no time.
+    pub mock_speedup: Option<f64>,
     pub device: Option<String>,
     /// NATS URL (`nats://127.0.0.1:4222`); with `etcd-endpoints`, `baton serve` runs each
     /// component as its own process. `NATS_SERVER` / `--nats-server` win over it.

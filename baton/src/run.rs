@@ -41,8 +41,13 @@ pub fn run(args: RunArgs) -> Result<()> {
                 eprintln!("baton: frontend stopped");
             }
             Component::DecodeWorker => {
-                let model = components::load_model(&settings).await?;
-                let worker = components::decode_worker(&planes, &settings, &model, 0).await?;
+                let worker = if settings.mock.is_some() {
+                    let card = components::load_card(&settings).await?;
+                    components::mock_decode_worker(&planes, &settings, &card, 0).await?
+                } else {
+                    let model = components::load_model(&settings).await?;
+                    components::decode_worker(&planes, &settings, &model, 0).await?
+                };
                 serve::shutdown_signal().await;
                 // Withdraw from discovery first, so no new request is routed here while the
                 // rest fail.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use decode_worker::{DisaggConfig, DisaggThresholds};
+use engine::mock::{GpuSpec, MockModel, Roofline, DEFAULT_EFFICIENCY};
 use engine::{parse_device, resolve_kind, EngineOptions, ModelCard};
 use kv_transfer::{BackendChoice, TransferBackend};
 use processor::{ChatTemplate, ServedModel};
@@ -94,6 +95,23 @@ pub struct ServeArgs {
     /// bf16, f16 or f32 [default: `Baton.dtype`, else auto].
     #[arg(long, env = "BATON_DTYPE")]
     dtype: Option<String>,
+    /// `model` runs the weights; `mock` simulates `--mock-model` on `--tensor-parallel-size`
+    /// `--mock-gpu`s behind the real scheduler, with `--model`'s tokenizer [default:
+    /// `Baton.executor`, else model].
+    #[arg(long, env = "BATON_EXECUTOR")]
+    executor: Option<String>,
+    /// h100 or h200 [default: `Baton.mock-gpu`, else h100].
+    #[arg(long, env = "BATON_MOCK_GPU")]
+    mock_gpu: Option<String>,
+    /// [default: `Baton.mock-model`, else deepseek-r1-distill-llama-70b].
+    #[arg(long, env = "BATON_MOCK_MODEL")]
+    mock_model: Option<String>,
+    /// GPUs per simulated worker [default: `VllmWorker.tensor-parallel-size`, else 1].
+    #[arg(long, env = "BATON_TENSOR_PARALLEL_SIZE")]
+    tensor_parallel_size: Option<usize>,
+    /// Divides the mock's step sleeps; `inf`: no sleeping [default: `Baton.mock-speedup`, else 1].
+    #[arg(long, env = "BATON_MOCK_SPEEDUP")]
+    mock_speedup: Option<f64>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "BATON_DEVICE")]
     device: Option<String>,
@@ -204,6 +222,8 @@ pub(crate) struct Resolved {
     pub prefill_engine: EngineOptions,
     pub kv_transfer: BackendChoice,
     pub kv_host: IpAddr,
+    /// Set with `--executor mock`: the simulated model and GPUs, and the sleep divisor.
+    pub mock: Option<(Roofline, f64)>,
 }
 
 impl Resolved {
@@ -365,7 +385,52 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
         .kv_host
         .or(baton.kv_host)
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let executor = args
+        .executor
+        .clone()
+        .or(baton.executor.clone())
+        .unwrap_or_else(|| "model".into());
+    let mock = match executor.as_str() {
+        "model" => None,
+        "mock" => {
+            let gpu_name = args
+                .mock_gpu
+                .clone()
+                .or(baton.mock_gpu.clone())
+                .unwrap_or_else(|| "h100".into());
+            let gpu = GpuSpec::by_name(&gpu_name)
+                .with_context(|| format!("unknown `--mock-gpu` {gpu_name:?} (use h100 or h200)"))?;
+            let model_name = args
+                .mock_model
+                .clone()
+                .or(baton.mock_model.clone())
+                .unwrap_or_else(|| "deepseek-r1-distill-llama-70b".into());
+            let model = MockModel::by_name(&model_name).with_context(|| {
+                format!("unknown `--mock-model` {model_name:?} (use deepseek-r1-distill-llama-70b)")
+            })?;
+            let tp = args
+                .tensor_parallel_size
+                .or(worker.tensor_parallel_size)
+                .unwrap_or(1);
+            if tp == 0 {
+                bail!("`--tensor-parallel-size` must be at least 1");
+            }
+            let speedup = args.mock_speedup.or(baton.mock_speedup).unwrap_or(1.0);
+            if speedup.is_nan() || speedup <= 0.0 {
+                bail!("`--mock-speedup` must be positive (or inf), not {speedup}");
+            }
+            let roofline = Roofline {
+                model,
+                gpu: gpu.clone(),
+                tensor_parallel: tp,
+                efficiency: DEFAULT_EFFICIENCY,
+            };
+            Some((roofline, speedup))
+        }
+        other => bail!("unknown `--executor` {other:?} (use model or mock)"),
+    };
     Ok(Resolved {
+        mock,
         disagg,
         prefill_workers,
         prefill_engine,
@@ -480,7 +545,20 @@ async fn serve(args: ServeArgs, settings: Resolved) -> Result<()> {
     let planes = Planes::in_process(settings.plane_settings());
     let mut workers = Vec::new();
     let mut prefill_workers = Vec::new();
-    let card = if settings.workers == 0 && settings.prefill_workers == 0 {
+    let card = if settings.mock.is_some() {
+        // Simulated workers need only the tokenizer's card.
+        let card = components::load_card(&settings).await?;
+        if settings.prefill_workers > 0 {
+            tracing::warn!(
+                "--executor mock does not simulate remote prefill yet: the decode workers prefill \
+                 every prompt themselves and no prefill worker is started"
+            );
+        }
+        for i in 0..settings.workers {
+            workers.push(components::mock_decode_worker(&planes, &settings, &card, i).await?);
+        }
+        card
+    } else if settings.workers == 0 && settings.prefill_workers == 0 {
         components::load_card(&settings).await?
     } else {
         let model = components::load_model(&settings).await?;
