@@ -42,8 +42,35 @@ impl Drop for ShmFile {
     }
 }
 
+/// The creator's pid of a segment's file name (`baton-kv-{pid}-{hex}`).
+fn creator_pid(name: &str) -> Option<i32> {
+    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+/// Removes segments whose creator is gone: a decode worker killed with SIGKILL cannot unlink
+/// its file, and tmpfs would hold those pages until reboot. A segment a live process still maps
+/// keeps its pages anyway; only the name goes.
+fn remove_orphans() {
+    let Ok(entries) = std::fs::read_dir(SHM_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(creator_pid) else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(path = %entry.path().display(), "removed the KV segment of a dead process");
+        }
+    }
+}
+
 /// Creates a fresh zero-filled file of `len` bytes and maps it.
 pub(crate) fn create(len: usize) -> Result<(HostMemory, ShmFile), TransferError> {
+    remove_orphans();
     let name = format!(
         "{PREFIX}{}-{:016x}",
         std::process::id(),
@@ -107,4 +134,21 @@ pub(crate) fn open(path: &str, layout: &KvLayout) -> Result<HostMemory, Transfer
     let map =
         unsafe { MmapMut::map_mut(&file) }.map_err(|e| shm_err(path, format!("mmap: {e}")))?;
     Ok(HostMemory::from_mapping(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_of_a_dead_process_is_removed_when_a_sink_is_created() {
+        // Pid 2^22 + 1 is above Linux's pid_max limit: no process has it.
+        let orphan = Path::new(SHM_DIR).join(format!("{PREFIX}4194305-00000000deadbeef"));
+        std::fs::write(&orphan, b"stale").unwrap();
+        let (_memory, mine) = create(4096).unwrap();
+        assert!(!orphan.exists(), "the orphan is gone");
+        assert!(mine.path().exists(), "the live one stays");
+        assert_eq!(creator_pid("baton-kv-123-abc"), Some(123));
+        assert_eq!(creator_pid("other"), None);
+    }
 }
