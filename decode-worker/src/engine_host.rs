@@ -8,7 +8,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use engine::{AdmissionError, Engine, Request, RequestOutput, SampledToken};
+use engine::{AdmissionError, Engine, Request, RequestOutput, SampledToken, SamplingParams};
 use runtime::kv_event::KvEvent;
 use runtime::protocol::{GenerateRequest, PrefillCounters, TokenDelta, TokenLogprob, WorkerLoad};
 use tokio::sync::{mpsc, watch};
@@ -33,6 +33,9 @@ pub enum EngineEvent {
     RemotePrefill {
         block_ids: Vec<u32>,
         cached_blocks: usize,
+        /// The prompt and parameters, for the prefill job.
+        token_ids: Vec<u32>,
+        sampling: SamplingParams,
     },
 }
 
@@ -314,22 +317,32 @@ fn add(
         None => Placement::Local,
     };
     let added = match placement {
-        Placement::Remote => match engine.add_remote_prefill_request(request.clone()) {
-            Ok(slot) => {
-                placer.count(|c| c.remote += 1);
-                let _ = events.send(EngineEvent::RemotePrefill {
-                    block_ids: slot.block_ids,
-                    cached_blocks: slot.cached_tokens / engine.block_size(),
-                });
-                Ok(())
+        Placement::Remote => {
+            // The job needs the prompt again, and so does the local queue if no blocks are free.
+            let (token_ids, sampling) = (request.prompt_token_ids.clone(), request.params.clone());
+            match engine.add_remote_prefill_request(request) {
+                Ok(slot) => {
+                    placer.count(|c| c.remote += 1);
+                    let _ = events.send(EngineEvent::RemotePrefill {
+                        block_ids: slot.block_ids,
+                        cached_blocks: slot.cached_tokens / engine.block_size(),
+                        token_ids,
+                        sampling,
+                    });
+                    Ok(())
+                }
+                // No blocks to reserve now: it waits for them in the local queue instead.
+                Err(AdmissionError::NoFreeBlocks(request_id)) => {
+                    placer.count(|c| c.local += 1);
+                    engine.add_request(Request {
+                        request_id,
+                        prompt_token_ids: token_ids,
+                        params: sampling,
+                    })
+                }
+                Err(e) => Err(e),
             }
-            // No blocks to reserve now: it waits for them in the local queue instead.
-            Err(AdmissionError::NoFreeBlocks(_)) => {
-                placer.count(|c| c.local += 1);
-                engine.add_request(request)
-            }
-            Err(e) => Err(e),
-        },
+        }
         Placement::Local | Placement::LocalQueueFull => {
             let added = engine.add_request(request);
             if added.is_ok() {

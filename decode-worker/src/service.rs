@@ -357,27 +357,16 @@ enum RemoteEnd {
     Cancelled,
 }
 
-/// Queues the prefill of `request`, whose blocks the engine reserved, and waits for it.
+/// Queues `job`, the prefill of a request whose blocks the engine reserved, and waits for it.
 async fn await_remote(
     ctx: &RemoteContext,
     host: &EngineHost,
-    request: &GenerateRequest,
-    block_ids: Vec<u32>,
-    cached_blocks: usize,
+    job: RemotePrefillRequest,
     cancelled: &CancellationToken,
 ) -> RemoteEnd {
-    let id = request.request_id.as_str();
+    let id = job.request_id.as_str();
     let timeout = ctx.state.config().remote_prefill_timeout;
-    let outcome = ctx.table.open(id);
-    let job = RemotePrefillRequest {
-        request_id: id.to_string(),
-        decode_instance: ctx.instance_id.get().copied().unwrap_or(0),
-        notice_address: ctx.notice_address.clone(),
-        token_ids: request.token_ids.clone(),
-        cached_block_count: cached_blocks,
-        dst_block_ids: block_ids,
-        sampling: request.sampling.clone(),
-    };
+    let mut outcome = ctx.table.open(id);
     let bytes = serde_json::to_vec(&job).expect("protocol types serialize");
     let give_up = |reason: &str| {
         record(&ctx.counters, |c| c.fallback(reason));
@@ -392,7 +381,6 @@ async fn await_remote(
         host.prefill_locally(id);
         return RemoteEnd::Resume;
     }
-    let mut outcome = outcome;
     let mut deadline = tokio::time::Instant::now() + timeout;
     let mut client_gone = false;
     // After a cancel the request only waits to free its blocks safely.
@@ -472,8 +460,6 @@ async fn handle(
         }
     };
     let id = request.request_id.clone();
-    // The job of a remote prefill needs the prompt and parameters again.
-    let job_source = remote.as_ref().map(|_| request.clone());
     let (tx, mut events) = mpsc::unbounded_channel();
     if let Err(e) = host.add(request, tx) {
         let _ = response.error(e.to_string()).await;
@@ -493,14 +479,24 @@ async fn handle(
             Some(EngineEvent::RemotePrefill {
                 block_ids,
                 cached_blocks,
+                token_ids,
+                sampling,
             }) => {
-                let (Some(ctx), Some(request)) = (&remote, &job_source) else {
+                let Some(ctx) = &remote else {
                     // Only a host started with a rule reports these; prefill here instead.
                     host.prefill_locally(&id);
                     continue;
                 };
-                let end =
-                    await_remote(ctx, &host, request, block_ids, cached_blocks, &cancelled).await;
+                let job = RemotePrefillRequest {
+                    request_id: id.clone(),
+                    decode_instance: ctx.instance_id.get().copied().unwrap_or(0),
+                    notice_address: ctx.notice_address.clone(),
+                    token_ids,
+                    cached_block_count: cached_blocks,
+                    dst_block_ids: block_ids,
+                    sampling,
+                };
+                let end = await_remote(ctx, &host, job, &cancelled).await;
                 match end {
                     RemoteEnd::Resume => continue,
                     RemoteEnd::Cancelled => return,

@@ -230,15 +230,20 @@ impl SharedModel {
             ),
         };
         let executor = ModelExecutor::with_cache(self.model.share(), cache);
-        let config = EngineConfig {
-            max_num_seqs: opts.max_num_seqs,
-            max_num_batched_tokens: opts.max_num_batched_tokens,
-            enable_prefix_caching: opts.enable_prefix_caching,
-            eos_token_ids: card.eos_token_ids.clone(),
-            max_context: card.max_context,
-        };
+        let config = engine_config(opts, &card);
         let engine = Engine::new(Box::new(executor), config, opts.kv_events.clone());
         Ok((engine, card))
+    }
+}
+
+/// The scheduler's settings of an engine built with `opts` for `card`.
+fn engine_config(opts: &EngineOptions, card: &ModelCard) -> EngineConfig {
+    EngineConfig {
+        max_num_seqs: opts.max_num_seqs,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        enable_prefix_caching: opts.enable_prefix_caching,
+        eos_token_ids: card.eos_token_ids.clone(),
+        max_context: card.max_context,
     }
 }
 
@@ -268,13 +273,7 @@ pub fn mock_engine(
         opts.block_size,
         card.config.vocab_size,
     );
-    let config = EngineConfig {
-        max_num_seqs: opts.max_num_seqs,
-        max_num_batched_tokens: opts.max_num_batched_tokens,
-        enable_prefix_caching: opts.enable_prefix_caching,
-        eos_token_ids: card.eos_token_ids.clone(),
-        max_context: card.max_context,
-    };
+    let config = engine_config(opts, &card);
     Ok(Engine::new(
         Box::new(executor),
         config,

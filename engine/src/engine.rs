@@ -317,12 +317,7 @@ impl Engine {
                 let mut seq = seq;
                 seq.num_computed = cached;
                 seq.cached_prompt_tokens = Some(cached);
-                let block_ids = self
-                    .scheduler
-                    .blocks
-                    .block_table(id)
-                    .unwrap_or(&[])
-                    .to_vec();
+                let block_ids = self.table_of(id);
                 self.scheduler.add(seq);
                 Ok(RemotePrefillSlot {
                     block_ids,
@@ -362,6 +357,15 @@ impl Engine {
         self.scheduler.blocks.commit(id, &seq.tokens)?;
         self.scheduler.start_running(id);
         Ok(self.append_token(id, first))
+    }
+
+    /// A sequence's block table, copied (empty if it holds none).
+    fn table_of(&self, id: SeqId) -> Vec<u32> {
+        self.scheduler
+            .blocks
+            .block_table(id)
+            .unwrap_or(&[])
+            .to_vec()
     }
 
     /// The KV blocks `request_id` holds, in sequence order (`None` for an unknown request).
@@ -505,12 +509,7 @@ impl Engine {
                 cached_tokens: seq.cached_prompt_tokens.unwrap_or(0),
             };
             self.scheduler.hold(id);
-            let block_ids = self
-                .scheduler
-                .blocks
-                .block_table(id)
-                .unwrap_or(&[])
-                .to_vec();
+            let block_ids = self.table_of(id);
             return RequestOutput::Prefilled {
                 request_id,
                 token: tok,

@@ -263,19 +263,7 @@ impl Consumer {
     }
 
     async fn notify(&self, address: &str, notice: &PrefillNotice) -> Result<NoticeReply, String> {
-        let payload = serde_json::to_vec(notice).expect("protocol types serialize");
-        let ask = async {
-            let mut stream = self
-                .plane
-                .request(address, payload)
-                .await
-                .map_err(|e| e.to_string())?;
-            match stream.next().await {
-                Some(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
-                Some(Err(e)) => Err(e.to_string()),
-                None => Err("no answer".to_string()),
-            }
-        };
+        let ask = runtime::request_plane::query(self.plane.as_ref(), address, notice);
         tokio::time::timeout(NOTICE_TIMEOUT, ask)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {NOTICE_TIMEOUT:?}")))

@@ -275,18 +275,7 @@ impl KvView {
     }
 
     async fn query(&self, address: &str, since: Option<u64>) -> Result<KvStateReply, String> {
-        let payload =
-            serde_json::to_vec(&KvStateQuery { since }).expect("protocol types serialize");
-        let mut stream = self
-            .plane
-            .request(address, payload)
-            .await
-            .map_err(|e| e.to_string())?;
-        match stream.next().await {
-            Some(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
-            Some(Err(e)) => Err(e.to_string()),
-            None => Err("the worker ended the answer without data".into()),
-        }
+        runtime::request_plane::query(self.plane.as_ref(), address, &KvStateQuery { since }).await
     }
 }
 

@@ -31,12 +31,11 @@ fn key(admin: &AdminSettings) -> String {
 pub async fn get_disagg(State(state): State<Arc<AppState>>) -> Response {
     let result = async {
         let admin = admin(&state)?;
-        let rx = admin
+        let value = admin
             .discovery
-            .watch_setting(&key(admin))
+            .get_setting(&key(admin))
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        let value = rx.borrow().clone();
         Ok::<_, ApiError>(Json(value.unwrap_or(serde_json::Value::Null)).into_response())
     }
     .await;

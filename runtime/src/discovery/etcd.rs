@@ -182,6 +182,20 @@ impl Discovery for EtcdDiscovery {
         Ok(())
     }
 
+    async fn get_setting(&self, key: &str) -> Result<Option<serde_json::Value>> {
+        let mut client = self.client.clone();
+        let resp = client
+            .get(key, None)
+            .await
+            .map_err(|e| self.failed("get", &e))?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        serde_json::from_slice(kv.value())
+            .map(Some)
+            .map_err(|e| DiscoveryError::Backend(format!("setting `{key}` is not JSON: {e}")))
+    }
+
     async fn watch_setting(&self, key: &str) -> Result<watch::Receiver<Option<serde_json::Value>>> {
         if self.shutdown.is_cancelled() {
             return Err(DiscoveryError::ShutDown);

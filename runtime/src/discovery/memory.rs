@@ -113,6 +113,14 @@ impl Discovery for MemoryDiscovery {
         Ok(())
     }
 
+    async fn get_setting(&self, key: &str) -> Result<Option<serde_json::Value>> {
+        Ok(self
+            .lock()
+            .settings
+            .get(key)
+            .and_then(|s| s.borrow().clone()))
+    }
+
     async fn watch_setting(&self, key: &str) -> Result<watch::Receiver<Option<serde_json::Value>>> {
         let mut state = self.lock();
         let setting = state

@@ -123,6 +123,9 @@ pub trait Discovery: Send + Sync {
     /// ([`setting_key`]).
     async fn put_setting(&self, key: &str, value: serde_json::Value) -> Result<()>;
 
+    /// The setting's value now (`None` when unset).
+    async fn get_setting(&self, key: &str) -> Result<Option<serde_json::Value>>;
+
     /// The setting's value now (`None` when unset) and, through the receiver, every later put;
     /// the watch resumes by itself after the backend reconnects.
     async fn watch_setting(&self, key: &str) -> Result<watch::Receiver<Option<serde_json::Value>>>;

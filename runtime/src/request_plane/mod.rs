@@ -183,6 +183,26 @@ pub struct IncomingRequest {
     pub response: ResponseSender,
 }
 
+/// Sends `request` (as JSON) to `address` and parses the single frame a query-style endpoint
+/// answers with — a worker's KV state, the reply to a prefill notice. Errors are the plane's, the
+/// remote's, or a stream that ended without data, as text.
+pub async fn query<Q: Serialize, A: serde::de::DeserializeOwned>(
+    plane: &dyn RequestPlane,
+    address: &str,
+    request: &Q,
+) -> std::result::Result<A, String> {
+    let payload = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    let mut stream = plane
+        .request(address, payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    match stream.next().await {
+        Some(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err(format!("`{address}` ended its answer without data")),
+    }
+}
+
 #[async_trait]
 pub trait RequestPlane: Send + Sync {
     /// Starts serving `address`; requests arrive on the returned channel until it is dropped.

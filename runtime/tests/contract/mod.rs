@@ -217,6 +217,7 @@ pub async fn settings_are_read_and_followed(discovery: &dyn Discovery, namespace
     let key = runtime::discovery::setting_key(namespace, "disagg");
     let mut early = discovery.watch_setting(&key).await.expect("watch");
     assert_eq!(*early.borrow(), None, "unset");
+    assert_eq!(discovery.get_setting(&key).await.expect("get"), None);
     discovery
         .put_setting(&key, serde_json::json!({"n": 1}))
         .await
@@ -227,6 +228,10 @@ pub async fn settings_are_read_and_followed(discovery: &dyn Discovery, namespace
         .unwrap();
     assert_eq!(
         *early.borrow_and_update(),
+        Some(serde_json::json!({"n": 1}))
+    );
+    assert_eq!(
+        discovery.get_setting(&key).await.expect("get"),
         Some(serde_json::json!({"n": 1}))
     );
     let mut late = discovery.watch_setting(&key).await.expect("watch");
