@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use decode_worker::{DisaggConfig, DisaggThresholds};
-use engine::mock::{GpuSpec, MockModel, Roofline, DEFAULT_EFFICIENCY};
+use engine::mock::{GpuSpec, MockModel, Roofline, CALIBRATED_EFFICIENCY};
 use engine::{parse_device, resolve_kind, EngineOptions, ModelCard};
 use kv_transfer::{BackendChoice, TransferBackend};
 use processor::{ChatTemplate, ServedModel};
@@ -423,7 +423,7 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
                 model,
                 gpu: gpu.clone(),
                 tensor_parallel: tp,
-                efficiency: DEFAULT_EFFICIENCY,
+                efficiency: CALIBRATED_EFFICIENCY,
             };
             Some((roofline, speedup))
         }

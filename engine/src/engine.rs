@@ -11,7 +11,7 @@ use runtime::kv_event::KvEvent;
 
 use crate::block_manager::{BlockManager, BlockManagerConfig, SeqId};
 use crate::error::{AdmissionError, EngineError, Result};
-use crate::executor::Executor;
+use crate::executor::{Executor, StepOutput};
 use crate::model::{ForwardBatch, SeqChunk};
 use crate::sampler::{sample, SampledToken, SamplerRow, SamplingParams, SequenceRng};
 use crate::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig};
@@ -442,7 +442,7 @@ impl Engine {
             .collect())
     }
 
-    fn execute(&mut self, scheduled: &[ScheduledChunk]) -> Result<tch::Tensor> {
+    fn execute(&mut self, scheduled: &[ScheduledChunk]) -> Result<StepOutput> {
         let seqs = &self.scheduler.seqs;
         let blocks = &self.scheduler.blocks;
         let chunks = scheduled
@@ -460,7 +460,7 @@ impl Engine {
         self.executor.execute(&ForwardBatch { chunks })
     }
 
-    fn sample(&mut self, logits: &tch::Tensor, ids: &[SeqId]) -> Result<Vec<SampledToken>> {
+    fn sample(&mut self, output: &StepOutput, ids: &[SeqId]) -> Result<Vec<SampledToken>> {
         let eos = &self.config.eos_token_ids;
         // Until min_tokens is reached, nothing may end the sequence.
         let suppressed: Vec<Vec<u32>> = ids
@@ -497,7 +497,12 @@ impl Engine {
                 suppressed_tokens: suppressed,
             });
         }
-        sample(logits, &mut rows)
+        match output {
+            StepOutput::Logits(logits) => sample(logits, &mut rows),
+            StepOutput::Chosen(tokens) => {
+                Ok(take_chosen(tokens, &mut rows, self.executor.vocab_size()))
+            }
+        }
     }
 
     fn append_token(&mut self, id: SeqId, tok: SampledToken) -> RequestOutput {
@@ -592,6 +597,41 @@ impl Engine {
     }
 }
 
+/// The executor's own choices as sampled tokens. A chosen token that is suppressed (EOS
+/// before `min_tokens`) gives way to the next id that is not, so the choice stays a function of
+/// the step. Each certain token has log-probability 0; a sampling row still consumes its
+/// random number, so seeded rows stay in step with a remote prefill's draw.
+fn take_chosen(tokens: &[u32], rows: &mut [SamplerRow<'_>], vocab: usize) -> Vec<SampledToken> {
+    let vocab = vocab.max(1) as u32;
+    tokens
+        .iter()
+        .zip(rows.iter_mut())
+        .map(|(&chosen, row)| {
+            if !row.params.is_greedy() {
+                row.rng.skip_draw();
+            }
+            let mut token = chosen % vocab;
+            for _ in 0..vocab {
+                if !row.suppressed_tokens.contains(&token) {
+                    break;
+                }
+                token = (token + 1) % vocab;
+            }
+            let top_logprobs = match row.params.logprobs {
+                Some(n) if n > 0 => std::iter::once((token, 0.0))
+                    .chain((1..n as u32).map(|k| ((token + k) % vocab, -60.0)))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            SampledToken {
+                token,
+                logprob: 0.0,
+                top_logprobs,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,7 +641,7 @@ mod tests {
     struct FailingExecutor;
 
     impl Executor for FailingExecutor {
-        fn execute(&mut self, _batch: &ForwardBatch<'_>) -> Result<tch::Tensor> {
+        fn execute(&mut self, _batch: &ForwardBatch<'_>) -> Result<StepOutput> {
             Err(EngineError::StepFailed("simulated device failure".into()))
         }
         fn num_blocks(&self) -> usize {

@@ -9,10 +9,24 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{ForwardBatch, Llama};
 
+/// What a step gives the sampler, one row per chunk with `sample`, in chunk order.
+pub enum StepOutput {
+    /// Logits `[num_samples, vocab]`: the sampler chooses (penalties, temperature, top-k/p).
+    Logits(Tensor),
+    /// The executor chose each row's token itself (the mock engine, whose tokens are a function
+    /// of position): no vocabulary-wide tensor is built, and only `min_tokens` still applies.
+    Chosen(Vec<u32>),
+}
+
+impl From<Tensor> for StepOutput {
+    fn from(logits: Tensor) -> Self {
+        StepOutput::Logits(logits)
+    }
+}
+
 pub trait Executor: Send {
-    /// Runs one step; returns f32 logits `[num_samples, vocab]`, one row per chunk with
-    /// `sample`, in chunk order.
-    fn execute(&mut self, batch: &ForwardBatch<'_>) -> Result<Tensor>;
+    /// Runs one step.
+    fn execute(&mut self, batch: &ForwardBatch<'_>) -> Result<StepOutput>;
     fn num_blocks(&self) -> usize;
     fn block_size(&self) -> usize;
     fn vocab_size(&self) -> usize;
@@ -66,7 +80,7 @@ impl ModelExecutor {
 }
 
 impl Executor for ModelExecutor {
-    fn execute(&mut self, batch: &ForwardBatch<'_>) -> Result<Tensor> {
+    fn execute(&mut self, batch: &ForwardBatch<'_>) -> Result<StepOutput> {
         // tch turns a libtorch exception (say, out of memory) into a panic; a failed step must
         // fail its requests, not the process.
         catch_unwind(AssertUnwindSafe(|| {
@@ -80,6 +94,7 @@ impl Executor for ModelExecutor {
                 .unwrap_or_else(|| "unknown failure".to_string());
             EngineError::StepFailed(msg)
         })
+        .map(StepOutput::Logits)
     }
 
     fn num_blocks(&self) -> usize {

@@ -33,5 +33,5 @@ pub use engine::{
     RequestOutput,
 };
 pub use error::{AdmissionError, EngineError, Result};
-pub use executor::{Executor, ModelExecutor};
+pub use executor::{Executor, ModelExecutor, StepOutput};
 pub use sampler::{SampledToken, SamplingParams};

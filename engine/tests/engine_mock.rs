@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::engine_fixture::{collect, fixed_length, prompt, request};
 use common::tiny_llama::{write_tiny_llama, TinyLlamaOptions};
 use common::ScratchDir;
-use engine::mock::{Clock, MockModel, Roofline, VirtualClock, DEFAULT_EFFICIENCY, H100_SXM};
+use engine::mock::{Clock, MockModel, Roofline, VirtualClock, CALIBRATED_EFFICIENCY, H100_SXM};
 use engine::{loader, mock_engine, Engine, EngineOptions, ModelCard, Request};
 
 fn card() -> ModelCard {
@@ -27,7 +27,7 @@ fn roofline(tp: usize) -> Roofline {
         model: MockModel::deepseek_r1_distill_llama_70b(),
         gpu: H100_SXM,
         tensor_parallel: tp,
-        efficiency: DEFAULT_EFFICIENCY,
+        efficiency: CALIBRATED_EFFICIENCY,
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use decode_worker::EngineHost;
 use engine::model::ForwardBatch;
-use engine::{Engine, EngineConfig, Executor};
+use engine::{Engine, EngineConfig, Executor, StepOutput};
 use runtime::protocol::{GenerateRequest, GenerateResponse, SamplingParams};
 use runtime::{PlaneSettings, Planes};
 use tch::Tensor;
@@ -21,7 +21,7 @@ pub const BLOCK_SIZE: usize = 4;
 pub struct NextToken;
 
 impl Executor for NextToken {
-    fn execute(&mut self, batch: &ForwardBatch<'_>) -> engine::Result<Tensor> {
+    fn execute(&mut self, batch: &ForwardBatch<'_>) -> engine::Result<StepOutput> {
         std::thread::sleep(Duration::from_millis(3));
         let rows: Vec<Tensor> = batch
             .chunks
@@ -36,7 +36,7 @@ impl Executor for NextToken {
                 )
             })
             .collect();
-        Ok(Tensor::stack(&rows, 0))
+        Ok(Tensor::stack(&rows, 0).into())
     }
     fn num_blocks(&self) -> usize {
         BLOCKS

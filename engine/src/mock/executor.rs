@@ -1,22 +1,17 @@
 //! `MockExecutor`: the executor seam without a model. The scheduler, block manager, prefix
 //! cache and KV events run unchanged above it; each step lets the roofline's time pass on its
-//! clock and returns logits that make one token certain: a function of the chunk's last token
-//! and position, so any sampling picks it and replays of the same prompts compare.
+//! clock and names each sampling row's token itself (no logits, no libtorch on the hot path): a
+//! function of the chunk's last token and position, so replays of the same prompts compare
+//! and any sampling parameters give the same text.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tch::{Device, Kind, Tensor};
-
 use super::clock::Clock;
 use super::timing::{Roofline, StepShape};
 use crate::error::Result;
-use crate::executor::Executor;
+use crate::executor::{Executor, StepOutput};
 use crate::model::ForwardBatch;
-
-/// The logit of the chosen token; every other is 0, so even temperature 2 picks it
-/// (e^60 outweighs any vocabulary).
-const CERTAIN: f64 = 60.0;
 
 pub struct MockExecutor {
     roofline: Roofline,
@@ -70,7 +65,7 @@ impl MockExecutor {
 }
 
 impl Executor for MockExecutor {
-    fn execute(&mut self, batch: &ForwardBatch<'_>) -> Result<Tensor> {
+    fn execute(&mut self, batch: &ForwardBatch<'_>) -> Result<StepOutput> {
         let shape = StepShape {
             chunks: batch
                 .chunks
@@ -82,19 +77,17 @@ impl Executor for MockExecutor {
         self.clock.advance(t);
         self.simulated += t;
         self.steps += 1;
-        let chosen: Vec<i64> = batch
-            .chunks
-            .iter()
-            .filter(|c| c.sample)
-            .map(|c| {
-                let last = c.tokens.last().copied().unwrap_or(0);
-                i64::from(self.token_for(last, c.context_len + c.tokens.len()))
-            })
-            .collect();
-        let rows = chosen.len() as i64;
-        let logits = Tensor::f_zeros([rows, self.vocab_size as i64], (Kind::Float, Device::Cpu))?;
-        let index = Tensor::from_slice(&chosen).view([rows, 1]);
-        Ok(logits.f_scatter_value(1, &index, CERTAIN)?)
+        Ok(StepOutput::Chosen(
+            batch
+                .chunks
+                .iter()
+                .filter(|c| c.sample)
+                .map(|c| {
+                    let last = c.tokens.last().copied().unwrap_or(0);
+                    self.token_for(last, c.context_len + c.tokens.len())
+                })
+                .collect(),
+        ))
     }
 
     fn num_blocks(&self) -> usize {

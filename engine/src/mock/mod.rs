@@ -11,7 +11,7 @@ pub mod timing;
 pub use clock::{Clock, RealClock, VirtualClock};
 pub use executor::MockExecutor;
 pub use spec::{GpuSpec, MockModel, H100_SXM, H200};
-pub use timing::{Efficiency, Roofline, StepShape, DEFAULT_EFFICIENCY};
+pub use timing::{Efficiency, Roofline, StepShape, CALIBRATED_EFFICIENCY};
 
 /// KV blocks that fit beside the weights on `tp` GPUs (90 % of HBM for weights and KV, as
 /// vLLM's default `gpu-memory-utilization`).
