@@ -113,34 +113,85 @@ pub async fn decode_worker(
 }
 
 /// A decode worker over the mock executor (`--executor mock`): `card`'s vocabulary and limits,
-/// the roofline's step times on a real clock divided by `--mock-speedup`.
+/// the roofline's step times on a real clock divided by `--mock-speedup`. With remote prefill,
+/// its cache is a simulated sink: prefill workers' writes take the link's time and move no bytes.
 pub async fn mock_decode_worker(
     planes: &Planes,
     settings: &Resolved,
     card: &ModelCard,
     index: usize,
 ) -> Result<DecodeWorker> {
-    let (roofline, speedup) = settings.mock.clone().context("not a mock graph")?;
+    let mock = settings.mock.clone().context("not a mock graph")?;
     let (kv_tx, kv_rx) = std::sync::mpsc::channel();
     let opts = EngineOptions {
         kv_events: Some(kv_tx),
         ..settings.engine.clone()
     };
+    let roofline = mock.roofline.clone();
     tracing::info!(
         gpu = roofline.gpu.name,
         model = %roofline.model.name,
         tensor_parallel = roofline.tensor_parallel,
-        speedup,
+        speedup = mock.speedup,
         "simulated decode worker"
     );
-    let clock = Arc::new(engine::mock::RealClock::new(speedup));
+    let model = roofline.model.clone();
+    let clock = Arc::new(engine::mock::RealClock::new(mock.speedup));
     let engine = engine::mock_engine(card, &opts, roofline, clock)?;
-    let host = EngineHost::start(engine, Some(kv_rx), &format!("mock-{index}"))?;
-    let worker = DecodeWorker::start(host, planes, &settings.served_model_name).await?;
+    let name = format!("mock-{index}");
+    let worker = if settings.disagg.remote_prefill {
+        let layout =
+            engine::mock::kv_layout(&model, engine.block_size(), engine.stats().kv_blocks_total);
+        let sink = KvSink::simulated(layout, mock.kv_link_bytes_per_s)
+            .context("opening the simulated KV link")?;
+        let state = DisaggState::new(settings.disagg.clone());
+        let host = EngineHost::start_with(engine, Some(kv_rx), &name, Some(state.clone()))?;
+        let disagg = Disaggregation { state, sink };
+        let worker =
+            DecodeWorker::start_with(host, planes, &settings.served_model_name, Some(disagg))
+                .await?;
+        tracing::info!(
+            link_bytes_per_s = mock.kv_link_bytes_per_s,
+            "simulated decode worker takes remote prefills"
+        );
+        worker
+    } else {
+        let host = EngineHost::start(engine, Some(kv_rx), &name)?;
+        DecodeWorker::start(host, planes, &settings.served_model_name).await?
+    };
     tracing::info!(
         instance = worker.instance_id(),
         index,
         "decode worker ready"
+    );
+    Ok(worker)
+}
+
+/// A prefill worker over the mock executor, on `PrefillWorker.tensor-parallel-size` simulated
+/// GPUs, writing to decode workers through their simulated links.
+pub async fn mock_prefill_worker(
+    planes: &Planes,
+    settings: &Resolved,
+    card: &ModelCard,
+    index: usize,
+) -> Result<PrefillWorker> {
+    let mock = settings.mock.clone().context("not a mock graph")?;
+    let roofline = mock.prefill_roofline();
+    let model = roofline.model.clone();
+    let clock = Arc::new(engine::mock::RealClock::new(mock.speedup));
+    let engine = engine::mock_engine(card, &settings.prefill_engine, roofline, clock)?;
+    let layout =
+        engine::mock::kv_layout(&model, engine.block_size(), engine.stats().kv_blocks_total);
+    let host = PrefillHost::start(engine, layout, &format!("mock-prefill-{index}"))?;
+    // The decode workers offer only their simulated link.
+    let options = PrefillOptions {
+        backend: kv_transfer::BackendChoice::Auto,
+    };
+    let worker = PrefillWorker::start(host, planes, options).await?;
+    tracing::info!(
+        index,
+        tensor_parallel = mock.prefill_tensor_parallel,
+        "simulated prefill worker ready"
     );
     Ok(worker)
 }

@@ -121,6 +121,9 @@ pub struct BatonSection {
     pub mock_model: Option<String>,
     /// Divides the mock's sleeps; `inf` makes steps take no time.
     pub mock_speedup: Option<f64>,
+    /// GB/s of the mock's KV link from prefill to decode workers (default: the GPU's NVLink;
+    /// a NIC's rate for workers on different nodes).
+    pub mock_kv_link_gbs: Option<f64>,
     pub device: Option<String>,
     /// NATS URL (`nats://127.0.0.1:4222`); with `etcd-endpoints`, `baton serve` runs each
     /// component as its own process. `NATS_SERVER` / `--nats-server` win over it.

@@ -55,8 +55,13 @@ pub fn run(args: RunArgs) -> Result<()> {
                 eprintln!("baton: decode worker stopped");
             }
             Component::PrefillWorker => {
-                let model = components::load_model(&settings).await?;
-                let worker = components::prefill_worker(&planes, &settings, &model, 0).await?;
+                let worker = if settings.mock.is_some() {
+                    let card = components::load_card(&settings).await?;
+                    components::mock_prefill_worker(&planes, &settings, &card, 0).await?
+                } else {
+                    let model = components::load_model(&settings).await?;
+                    components::prefill_worker(&planes, &settings, &model, 0).await?
+                };
                 serve::shutdown_signal().await;
                 worker.stop();
                 eprintln!("baton: prefill worker stopped");

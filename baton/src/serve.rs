@@ -112,6 +112,10 @@ pub struct ServeArgs {
     /// Divides the mock's step sleeps; `inf`: no sleeping [default: `Baton.mock-speedup`, else 1].
     #[arg(long, env = "BATON_MOCK_SPEEDUP")]
     mock_speedup: Option<f64>,
+    /// GB/s of the simulated KV link from prefill to decode workers [default:
+    /// `Baton.mock-kv-link-gbs`, else the `--mock-gpu`'s NVLink, 450; a NIC's rate across nodes].
+    #[arg(long, env = "BATON_MOCK_KV_LINK_GBS")]
+    mock_kv_link_gbs: Option<f64>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "BATON_DEVICE")]
     device: Option<String>,
@@ -222,8 +226,31 @@ pub(crate) struct Resolved {
     pub prefill_engine: EngineOptions,
     pub kv_transfer: BackendChoice,
     pub kv_host: IpAddr,
-    /// Set with `--executor mock`: the simulated model and GPUs, and the sleep divisor.
-    pub mock: Option<(Roofline, f64)>,
+    /// Set with `--executor mock`.
+    pub mock: Option<MockGraph>,
+}
+
+/// What `--executor mock` simulates.
+#[derive(Clone, Debug)]
+pub struct MockGraph {
+    /// The decode workers' model, GPUs and tensor parallelism.
+    pub roofline: Roofline,
+    /// Divides every sleep (infinite: none).
+    pub speedup: f64,
+    /// GPUs per prefill worker (`PrefillWorker.tensor-parallel-size`, else 1).
+    pub prefill_tensor_parallel: usize,
+    /// The KV link's bytes/s, already multiplied by `speedup`.
+    pub kv_link_bytes_per_s: f64,
+}
+
+impl MockGraph {
+    /// The prefill workers' roofline: the same model and GPUs on their own parallelism.
+    pub fn prefill_roofline(&self) -> Roofline {
+        Roofline {
+            tensor_parallel: self.prefill_tensor_parallel,
+            ..self.roofline.clone()
+        }
+    }
 }
 
 impl Resolved {
@@ -419,13 +446,29 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             if speedup.is_nan() || speedup <= 0.0 {
                 bail!("`--mock-speedup` must be positive (or inf), not {speedup}");
             }
+            let link_gbs = args
+                .mock_kv_link_gbs
+                .or(baton.mock_kv_link_gbs)
+                .unwrap_or(gpu.nvlink_bytes_per_s / 1e9);
+            if link_gbs.is_nan() || link_gbs <= 0.0 {
+                bail!("`--mock-kv-link-gbs` must be positive, not {link_gbs}");
+            }
+            let prefill_tp = prefill_section.tensor_parallel_size.unwrap_or(1);
+            if prefill_tp == 0 {
+                bail!("`PrefillWorker.tensor-parallel-size` must be at least 1");
+            }
             let roofline = Roofline {
                 model,
                 gpu: gpu.clone(),
                 tensor_parallel: tp,
                 efficiency: CALIBRATED_EFFICIENCY,
             };
-            Some((roofline, speedup))
+            Some(MockGraph {
+                roofline,
+                speedup,
+                prefill_tensor_parallel: prefill_tp,
+                kv_link_bytes_per_s: link_gbs * 1e9 * speedup,
+            })
         }
         other => bail!("unknown `--executor` {other:?} (use model or mock)"),
     };
@@ -548,14 +591,12 @@ async fn serve(args: ServeArgs, settings: Resolved) -> Result<()> {
     let card = if settings.mock.is_some() {
         // Simulated workers need only the tokenizer's card.
         let card = components::load_card(&settings).await?;
-        if settings.prefill_workers > 0 {
-            tracing::warn!(
-                "--executor mock does not simulate remote prefill yet: the decode workers prefill \
-                 every prompt themselves and no prefill worker is started"
-            );
-        }
         for i in 0..settings.workers {
             workers.push(components::mock_decode_worker(&planes, &settings, &card, i).await?);
+        }
+        for i in 0..settings.prefill_workers {
+            prefill_workers
+                .push(components::mock_prefill_worker(&planes, &settings, &card, i).await?);
         }
         card
     } else if settings.workers == 0 && settings.prefill_workers == 0 {

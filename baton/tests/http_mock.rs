@@ -1,6 +1,7 @@
 //! `baton serve --executor mock`: a simulated 70B on TP4 H100s behind the real frontend,
 //! router and scheduler, with SmolLM2's tokenizer; its outputs have exact lengths and are the
-//! same on a replay; bad mock settings are refused naming the value.
+//! same on a replay; the seed's disaggregated config runs on it with remote prefills through a
+//! simulated KV link and the same text; bad mock settings are refused naming the value.
 
 mod common;
 
@@ -24,6 +25,64 @@ fn mock() -> &'static Server {
             "inf",
         ],
     )
+}
+
+/// `configs/disagg.yaml` on the mock: one TP4 decode worker, four TP1 prefill workers.
+fn mock_disagg() -> &'static Server {
+    static S: OnceLock<Result<Server, String>> = OnceLock::new();
+    once_server(
+        &S,
+        "mock-disagg",
+        &[
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/disagg.yaml"),
+            "--model",
+            "smollm2",
+            "--served-model-name",
+            "smollm2",
+            "--executor",
+            "mock",
+            "--mock-speedup",
+            "inf",
+        ],
+    )
+}
+
+#[tokio::test]
+async fn the_seed_disagg_config_prefills_remotely_over_the_simulated_link_with_the_same_text() {
+    let prompt: Vec<u32> = (0..300).map(|i| 1000 + i * 7).collect();
+    let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 12,
+                      "ignore_eos": true, "temperature": 0});
+    let (status, agg) = post_json(&client(), &mock().url("/v1/completions"), &body).await;
+    assert_eq!(status, 200, "{agg}");
+    let s = mock_disagg();
+    let (status, disagg) = post_json(&client(), &s.url("/v1/completions"), &body).await;
+    assert_eq!(status, 200, "{disagg}");
+    assert_eq!(disagg["usage"]["completion_tokens"], 12);
+    // The first token comes from a prefill worker's mock, the rest from the decode worker's.
+    assert_eq!(disagg["choices"][0]["text"], agg["choices"][0]["text"]);
+    // Three blocks of 128 tokens (the last partial) of the 70B's FP8 KV: 80 layers × 2 × 128
+    // positions × 8 heads × 128 dims = 20 MiB each, which no byte of this machine's memory holds.
+    let want = 3.0 * 80.0 * 2.0 * 128.0 * 8.0 * 128.0;
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (_, m) = get_text(&client(), &s.url("/metrics")).await;
+        let remote = metric(&m, "baton_prefill_total{where=\"remote\"}").unwrap_or(0.0);
+        let bytes =
+            metric(&m, "baton_kv_transfer_bytes_total{backend=\"simulated\"}").unwrap_or(0.0);
+        if remote >= 1.0 {
+            assert_eq!(
+                metric(&m, "baton_prefill_total{where=\"local\"}"),
+                Some(0.0),
+                "{m}"
+            );
+            assert_eq!(bytes, want, "{m}");
+            return;
+        }
+        last = m;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no remote prefill on /metrics after 10 s:\n{last}");
 }
 
 #[tokio::test]
@@ -74,6 +133,10 @@ fn bad_mock_settings_are_refused_naming_the_value() {
             "tensor-parallel-size",
         ),
         (&["--executor", "mock", "--mock-speedup", "-2"][..], "-2"),
+        (
+            &["--executor", "mock", "--mock-kv-link-gbs", "0"][..],
+            "mock-kv-link-gbs",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_baton"))
             .args(["serve", "--port", "0"])

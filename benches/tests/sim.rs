@@ -143,7 +143,10 @@ fn the_curve_is_read_between_its_neighbouring_points_and_not_beyond() {
     // (69, 10) is beaten on both axes by (70, 20): not on the curve.
     assert_eq!(interpolate(&curve, 55.0), Some(60.0));
     let between = interpolate(&curve, 69.5).unwrap();
-    assert!((between - (20.0 + 80.0 * 0.5 / 30.0)).abs() < 1e-9, "{between}");
+    assert!(
+        (between - (20.0 + 80.0 * 0.5 / 30.0)).abs() < 1e-9,
+        "{between}"
+    );
     assert_eq!(interpolate(&curve, 10.0), Some(200.0));
     assert_eq!(interpolate(&curve, 75.0), None);
     assert_eq!(interpolate(&curve, 5.0), None);

@@ -19,6 +19,9 @@ pub enum TransferBackend {
     Tcp,
     /// Same node, GPU memory: CUDA IPC handle, device copies.
     Cuda,
+    /// No bytes: a write takes the time its bytes would need at the endpoint's rate (the mock
+    /// engine's transfers; the address is the rate in bytes/s).
+    Simulated,
 }
 
 impl TransferBackend {
@@ -28,6 +31,7 @@ impl TransferBackend {
             TransferBackend::Shm => "shm",
             TransferBackend::Tcp => "tcp",
             TransferBackend::Cuda => "cuda",
+            TransferBackend::Simulated => "simulated",
         }
     }
 }
@@ -46,6 +50,7 @@ impl FromStr for TransferBackend {
             "shm" => Ok(TransferBackend::Shm),
             "tcp" => Ok(TransferBackend::Tcp),
             "cuda" => Ok(TransferBackend::Cuda),
+            "simulated" => Ok(TransferBackend::Simulated),
             other => Err(TransferError::UnknownBackend(other.to_string())),
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::backend::shm::ShmFile;
 use crate::backend::tcp::TcpServer;
-use crate::backend::{cuda, shm};
+use crate::backend::{cuda, shm, simulated};
 use crate::descriptor::{local_host_name, KvDescriptor, KvEndpoint, TransferBackend};
 use crate::error::TransferError;
 use crate::layout::KvLayout;
@@ -46,6 +46,14 @@ impl KvSink {
             }
         }
         let names = || wanted.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+        if wanted.contains(&TransferBackend::Simulated) {
+            return Err(TransferError::Backends {
+                backends: names(),
+                reason: "`simulated` is the mock engine's link: it has no memory to share; \
+                         open it with `KvSink::simulated`"
+                    .into(),
+            });
+        }
         if wanted.contains(&TransferBackend::Cuda) {
             if wanted.len() > 1 {
                 return Err(TransferError::Backends {
@@ -126,7 +134,9 @@ impl KvSink {
                     tcp = Some(server);
                     address
                 }
-                TransferBackend::Cuda => unreachable!("handled above"),
+                TransferBackend::Cuda | TransferBackend::Simulated => {
+                    unreachable!("handled above")
+                }
             };
             endpoints.push(KvEndpoint { backend, address });
         }
@@ -139,6 +149,26 @@ impl KvSink {
             _registrations: registrations,
             _shm: shm_file,
             _tcp: tcp,
+        })
+    }
+
+    /// A sink for a cache that exists only in simulation (the mock engine): no memory, one
+    /// `simulated` endpoint whose writes take `bytes / bytes_per_s` (infinite: no time).
+    pub fn simulated(layout: KvLayout, bytes_per_s: f64) -> Result<KvSink, TransferError> {
+        let address = bytes_per_s.to_string();
+        simulated::parse_rate(&address)?;
+        Ok(KvSink {
+            layout,
+            memory: Arc::new(simulated::NoMemory),
+            host: local_host_name(),
+            endpoints: vec![KvEndpoint {
+                backend: TransferBackend::Simulated,
+                address,
+            }],
+            received: Arc::default(),
+            _registrations: Vec::new(),
+            _shm: None,
+            _tcp: None,
         })
     }
 

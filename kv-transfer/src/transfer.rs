@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::backend::{cuda, memory, shm, tcp};
+use crate::backend::{cuda, memory, shm, simulated, tcp};
 use crate::descriptor::{KvDescriptor, KvEndpoint, TransferBackend};
 use crate::error::TransferError;
 use crate::layout::KvLayout;
@@ -57,11 +57,12 @@ impl fmt::Display for BackendChoice {
 }
 
 /// Nearest first: what `Auto` tries, in this order.
-const AUTO_ORDER: [TransferBackend; 4] = [
+const AUTO_ORDER: [TransferBackend; 5] = [
     TransferBackend::Memory,
     TransferBackend::Shm,
     TransferBackend::Tcp,
     TransferBackend::Cuda,
+    TransferBackend::Simulated,
 ];
 
 /// Checks `ours.check_compatible(&desc.layout)` first (blocks computed under another layout
@@ -122,7 +123,7 @@ fn reachable(desc: &KvDescriptor, endpoint: &KvEndpoint) -> bool {
             desc.is_same_process() && crate::registry::lookup(&endpoint.address).is_some()
         }
         TransferBackend::Shm | TransferBackend::Cuda => desc.is_same_host(),
-        TransferBackend::Tcp => true,
+        TransferBackend::Tcp | TransferBackend::Simulated => true,
     }
 }
 
@@ -144,5 +145,8 @@ async fn open(
         }
         TransferBackend::Tcp => Box::new(tcp::TcpWriter::connect(&endpoint.address, layout).await?),
         TransferBackend::Cuda => cuda::open(desc, &endpoint.address)?,
+        TransferBackend::Simulated => {
+            Box::new(simulated::SimulatedLink::open(layout, &endpoint.address)?)
+        }
     })
 }

@@ -180,3 +180,47 @@ fn sinks_and_writers_cross_threads() {
     send_sync::<dyn kv_transfer::KvTransfer>();
     send_sync::<dyn kv_transfer::KvMemory>();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_link_takes_bytes_over_rate_and_checks_block_ids() {
+    let layout = small_layout();
+    // One block a quarter of a second.
+    let rate = layout.block_bytes() as f64 * 4.0;
+    let sink = KvSink::simulated(layout.clone(), rate).unwrap();
+    let desc = sink.descriptor();
+    assert_eq!(
+        picks(&desc, BackendChoice::Auto).await.unwrap(),
+        TransferBackend::Simulated
+    );
+    let link = connect(&desc, &layout, BackendChoice::Auto).await.unwrap();
+    let started = std::time::Instant::now();
+    let bytes = link
+        .write_blocks(&[0, 1], &[Vec::new(), Vec::new()])
+        .await
+        .unwrap();
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(bytes, 2 * layout.block_bytes() as u64);
+    assert!(
+        (0.5..1.5).contains(&took),
+        "{took} s for two blocks at four a second"
+    );
+    let outside = layout.num_blocks as u32;
+    let err = link
+        .write_blocks(&[outside], &[Vec::new()])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransferError::NoSuchBlock { .. }), "{err}");
+    let err = link.write_blocks(&[0, 1], &[Vec::new()]).await.unwrap_err();
+    assert!(matches!(err, TransferError::BlockCount { .. }), "{err}");
+    // A bad rate, or a real sink asked for the simulated endpoint, is refused by name.
+    assert!(KvSink::simulated(layout.clone(), 0.0)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("`0`"));
+    let err = KvSink::new(layout, &[TransferBackend::Simulated], LOOPBACK)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("simulated"), "{err}");
+}

@@ -101,4 +101,25 @@ impl Executor for MockExecutor {
     fn vocab_size(&self) -> usize {
         self.vocab_size
     }
+
+    /// The mock keeps no KV: a block is empty, and a simulated transfer stands for its bytes.
+    fn read_kv_block(&self, block: u32) -> Result<Vec<u8>> {
+        if block as usize >= self.num_blocks {
+            return Err(crate::error::EngineError::NoSuchBlock {
+                block,
+                num_blocks: self.num_blocks,
+            });
+        }
+        Ok(Vec::new())
+    }
+
+    fn write_kv_block(&mut self, block: u32, _data: &[u8]) -> Result<()> {
+        if block as usize >= self.num_blocks {
+            return Err(crate::error::EngineError::NoSuchBlock {
+                block,
+                num_blocks: self.num_blocks,
+            });
+        }
+        Ok(())
+    }
 }

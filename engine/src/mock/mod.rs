@@ -20,3 +20,23 @@ pub fn kv_blocks_that_fit(model: &MockModel, gpu: &GpuSpec, tp: usize, block_siz
     let per_block = model.kv_bytes_per_token() * block_size as f64;
     (budget / per_block).max(1.0) as usize
 }
+
+/// The KV layout a mock engine of `model` would have with `num_blocks` blocks: what its
+/// simulated transfers are timed by, and what prefill and decode workers check they agree on.
+/// Every tensor-parallel shard together, as the bytes a whole prompt moves.
+pub fn kv_layout(model: &MockModel, block_size: usize, num_blocks: usize) -> kv_transfer::KvLayout {
+    kv_transfer::KvLayout {
+        num_layers: model.num_layers,
+        num_kv_heads: model.num_kv_heads,
+        head_dim: model.head_dim,
+        block_size,
+        dtype: if model.kv_bytes == 1.0 {
+            "fp8_e4m3"
+        } else {
+            "bf16"
+        }
+        .into(),
+        elem_bytes: model.kv_bytes as usize,
+        num_blocks,
+    }
+}

@@ -3,4 +3,5 @@
 pub(crate) mod cuda;
 pub(crate) mod memory;
 pub(crate) mod shm;
+pub(crate) mod simulated;
 pub(crate) mod tcp;
