@@ -23,6 +23,27 @@ pub const AGG_1_NODE: &[Published] = &[
 /// 1 node, 4 × TP1 prefill + 1 × TP4 decode.
 pub const DISAGG_1_NODE: &[Published] = &[(146.0, 50.0), (91.0, 58.0), (50.0, 63.0), (26.0, 65.0)];
 
+/// 2 nodes, vLLM TP8 × 2 behind nginx `least_conn`.
+pub const AGG_2_NODES: &[Published] = &[
+    (115.0, 15.0),
+    (91.0, 37.0),
+    (71.0, 51.0),
+    (52.0, 69.0),
+    (34.0, 80.0),
+];
+
+/// 2 nodes, 8 × TP1 prefill (one node) + 1 × TP8 decode (the other).
+pub const DISAGG_2_NODES: &[Published] = &[
+    (146.0, 44.0),
+    (132.0, 47.0),
+    (78.0, 57.0),
+    (44.0, 63.0),
+    (28.0, 71.0),
+];
+
+/// Per GPU across nodes: an H100 node's ConnectX-7 NICs, 400 Gb/s for each GPU.
+pub const NIC_BYTES_PER_S: f64 = 50e9;
+
 /// The seed's sweep.
 pub const CONCURRENCY: &[usize] = &[1, 2, 4, 8, 16, 32, 64, 128, 256];
 
@@ -77,6 +98,30 @@ pub fn disaggregated_1_node(efficiency: Efficiency) -> Cluster {
         policy: "round-robin".into(),
         ..aggregated_1_node(efficiency)
     }
+}
+
+/// Two nodes, one TP8 vLLM each, behind least-loaded routing.
+pub fn aggregated_2_nodes(efficiency: Efficiency) -> Cluster {
+    let one = aggregated_1_node(efficiency);
+    Cluster {
+        decode: Pool {
+            tensor_parallel: 8,
+            ..one.decode.clone()
+        },
+        ..one
+    }
+}
+
+/// The seed's multi-node config: a TP8 decode worker (budget 16 384) on one node, eight TP1
+/// prefill workers on the other, so every KV transfer crosses a NIC.
+pub fn disaggregated_2_nodes(efficiency: Efficiency) -> Cluster {
+    let mut c = disaggregated_1_node(efficiency);
+    c.decode.tensor_parallel = 8;
+    if let Some(d) = c.disagg.as_mut() {
+        d.prefill.workers = 8;
+        d.link_bytes_per_s = NIC_BYTES_PER_S;
+    }
+    c
 }
 
 /// The simulated curve's tok/s/GPU at tok/s/user `user`, linear between the two sweep points

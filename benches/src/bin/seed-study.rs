@@ -1,6 +1,7 @@
 //! The seed's study on the mock engine (issue 12's report): the aggregated baseline (2 × TP4
 //! behind least-loaded routing) and the 1-node disaggregated graph (4 × TP1 prefill + TP4
-//! decode) at ISL 3000 / OSL 150, concurrency 1…256, each point next to the published one.
+//! decode), then the 2-node pair (2 × TP8; 8 × TP1 + TP8 over a NIC), at ISL 3000 / OSL 150,
+//! concurrency 1…256, each point next to the published one.
 //!
 //!   cargo run --release -p baton-benches --bin seed-study
 //!   cargo run --release -p baton-benches --bin seed-study -- --max-prefill-queue-size 8
@@ -15,8 +16,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use baton_benches::seed::{
-    aggregated_1_node, deviations, disaggregated_1_node, worst, Published, AGG_1_NODE, CONCURRENCY,
-    DISAGG_1_NODE,
+    aggregated_1_node, aggregated_2_nodes, deviations, disaggregated_1_node, disaggregated_2_nodes,
+    worst, Published, AGG_1_NODE, AGG_2_NODES, CONCURRENCY, DISAGG_1_NODE, DISAGG_2_NODES,
 };
 use baton_benches::sim::{run, Cluster, Point, Workload};
 use clap::Parser;
@@ -133,30 +134,54 @@ fn main() -> Result<()> {
         return calibrate(&args);
     }
     let started = Instant::now();
-    let agg = sweep(&aggregated_1_node(CALIBRATED_EFFICIENCY), &args)?;
-    let mut disagg_graph = disaggregated_1_node(CALIBRATED_EFFICIENCY);
-    if let Some(d) = disagg_graph.disagg.as_mut() {
-        d.max_prefill_queue_size = args.max_prefill_queue_size;
+    let with_queue = |mut c: Cluster| {
+        if let Some(d) = c.disagg.as_mut() {
+            d.max_prefill_queue_size = args.max_prefill_queue_size;
+        }
+        c
+    };
+    let q = args.max_prefill_queue_size;
+    let graphs: [(String, Cluster, &[Published]); 4] = [
+        (
+            "1 node, aggregated: 2 × TP4, least-loaded (calibrated on these points)".into(),
+            aggregated_1_node(CALIBRATED_EFFICIENCY),
+            AGG_1_NODE,
+        ),
+        (
+            format!("1 node, disaggregated: 4 × TP1 prefill + 1 × TP4 decode, NVLink, max-prefill-queue-size {q} (not fitted)"),
+            with_queue(disaggregated_1_node(CALIBRATED_EFFICIENCY)),
+            DISAGG_1_NODE,
+        ),
+        (
+            "2 nodes, aggregated: 2 × TP8, least-loaded (not fitted)".into(),
+            aggregated_2_nodes(CALIBRATED_EFFICIENCY),
+            AGG_2_NODES,
+        ),
+        (
+            format!("2 nodes, disaggregated: 8 × TP1 prefill + 1 × TP8 decode, 50 GB/s NIC, max-prefill-queue-size {q} (not fitted)"),
+            with_queue(disaggregated_2_nodes(CALIBRATED_EFFICIENCY)),
+            DISAGG_2_NODES,
+        ),
+    ];
+    let mut results = serde_json::Map::new();
+    let mut tables = String::new();
+    for (i, (name, cluster, published)) in graphs.iter().enumerate() {
+        let points = sweep(cluster, &args)?;
+        tables += &table(name, &points, published);
+        tables += "\n";
+        let key = [
+            "aggregated_1_node",
+            "disaggregated_1_node",
+            "aggregated_2_nodes",
+            "disaggregated_2_nodes",
+        ][i];
+        results.insert(key.into(), json(&points));
     }
-    let disagg = sweep(&disagg_graph, &args)?;
     let mut md = format!(
-        "## Seed study on the mock engine (simulated 8×H100, DeepSeek-R1-Distill-Llama-70B FP8, ISL 3000 / OSL 150)\n\nEfficiencies: {CALIBRATED_EFFICIENCY:?}. {} s of wall time for both sweeps.\n\n",
+        "## Seed study on the mock engine (simulated H100 nodes, DeepSeek-R1-Distill-Llama-70B FP8, ISL 3000 / OSL 150)\n\nEfficiencies: {CALIBRATED_EFFICIENCY:?}. {} s of wall time for the four sweeps.\n\n",
         started.elapsed().as_secs()
     );
-    md += &table(
-        "Aggregated: 2 × TP4, least-loaded (calibrated on these points)",
-        &agg,
-        AGG_1_NODE,
-    );
-    md += "\n";
-    md += &table(
-        &format!(
-            "Disaggregated: 4 × TP1 prefill + 1 × TP4 decode, max-prefill-queue-size {} (not fitted)",
-            args.max_prefill_queue_size
-        ),
-        &disagg,
-        DISAGG_1_NODE,
-    );
+    md += &tables;
     print!("{md}");
     std::fs::create_dir_all(&args.output)?;
     let stem = format!("seed-study-queue{}", args.max_prefill_queue_size);
@@ -165,8 +190,7 @@ fn main() -> Result<()> {
         args.output.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&serde_json::json!({
             "efficiency": format!("{CALIBRATED_EFFICIENCY:?}"),
-            "aggregated_1_node": json(&agg),
-            "disaggregated_1_node": json(&disagg),
+            "graphs": results,
         }))?,
     )?;
     Ok(())
