@@ -113,21 +113,35 @@ impl KvLayout {
         Ok(())
     }
 
-    /// Checks a write of `blocks` into `dst_blocks` before any byte moves.
-    pub fn check_write(&self, dst_blocks: &[u32], blocks: &[Vec<u8>]) -> Result<(), TransferError> {
-        if dst_blocks.len() != blocks.len() {
+    /// Checks that `count` blocks may go to `dst_blocks`: one id each, every id in the cache.
+    pub fn check_destinations(
+        &self,
+        dst_blocks: &[u32],
+        count: usize,
+    ) -> Result<(), TransferError> {
+        if dst_blocks.len() != count {
             return Err(TransferError::BlockCount {
                 ids: dst_blocks.len(),
-                blocks: blocks.len(),
+                blocks: count,
             });
         }
+        match dst_blocks
+            .iter()
+            .find(|&&id| id as usize >= self.num_blocks)
+        {
+            Some(&block) => Err(TransferError::NoSuchBlock {
+                block,
+                num_blocks: self.num_blocks,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a write of `blocks` into `dst_blocks` before any byte moves: the destinations,
+    /// then each block's size.
+    pub fn check_write(&self, dst_blocks: &[u32], blocks: &[Vec<u8>]) -> Result<(), TransferError> {
+        self.check_destinations(dst_blocks, blocks.len())?;
         for (&id, data) in dst_blocks.iter().zip(blocks) {
-            if id as usize >= self.num_blocks {
-                return Err(TransferError::NoSuchBlock {
-                    block: id,
-                    num_blocks: self.num_blocks,
-                });
-            }
             if data.len() != self.block_bytes() {
                 return Err(TransferError::BlockSize {
                     block: id,

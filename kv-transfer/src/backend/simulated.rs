@@ -59,28 +59,14 @@ impl KvTransfer for SimulatedLink {
         TransferBackend::Simulated
     }
 
-    /// The blocks' contents are ignored (the mock's are empty); their ids are checked as any
-    /// backend checks them.
+    /// The blocks' contents are ignored (the mock's are empty); their destinations are checked
+    /// as every backend checks them.
     async fn write_blocks(
         &self,
         dst_blocks: &[u32],
         blocks: &[Vec<u8>],
     ) -> Result<u64, TransferError> {
-        if dst_blocks.len() != blocks.len() {
-            return Err(TransferError::BlockCount {
-                ids: dst_blocks.len(),
-                blocks: blocks.len(),
-            });
-        }
-        if let Some(&bad) = dst_blocks
-            .iter()
-            .find(|&&b| b as usize >= self.layout.num_blocks)
-        {
-            return Err(TransferError::NoSuchBlock {
-                block: bad,
-                num_blocks: self.layout.num_blocks,
-            });
-        }
+        self.layout.check_destinations(dst_blocks, blocks.len())?;
         let bytes = (dst_blocks.len() * self.layout.block_bytes()) as u64;
         let seconds = bytes as f64 / self.bytes_per_s;
         if seconds > 0.0 && seconds.is_finite() {
