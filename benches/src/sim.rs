@@ -101,7 +101,7 @@ impl Workload {
 }
 
 /// What one sweep point measured, in simulated time, over the measured requests.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Point {
     pub concurrency: usize,
     pub requests: usize,
@@ -179,6 +179,18 @@ impl Worker {
 
     fn now(&self) -> u64 {
         self.clock.now().as_nanos() as u64
+    }
+
+    /// Runs one step. `None`: there was work but the step neither took time nor produced
+    /// anything (work the scheduler cannot place, say for want of blocks), so simulated time
+    /// would stand still.
+    fn step(&mut self, name: &str) -> Result<Option<Vec<RequestOutput>>, SimError> {
+        let before = self.now();
+        let outputs = self.engine.step().map_err(|e| SimError::Engine {
+            request: format!("step of {name}"),
+            reason: e.to_string(),
+        })?;
+        Ok((!outputs.is_empty() || self.now() != before).then_some(outputs))
     }
 
     /// An idle worker's clock catches up with the event that gives it work.
@@ -422,12 +434,7 @@ impl Sim<'_> {
         let request = Request {
             request_id: request_id(i),
             prompt_token_ids: tokens,
-            params: SamplingParams {
-                max_tokens: self.work.osl,
-                min_tokens: self.work.osl,
-                ignore_eos: true,
-                ..SamplingParams::default()
-            },
+            params: self.fixed_length(),
         };
         let worker = &mut self.decode[d];
         worker.wake_at(t);
@@ -461,28 +468,33 @@ impl Sim<'_> {
     }
 
     fn step_decode(&mut self, d: usize) -> Result<(), SimError> {
-        let w = &mut self.decode[d];
-        let before = w.now();
-        let outputs = w.engine.step().map_err(|e| SimError::Engine {
-            request: format!("step of decode worker {d}"),
-            reason: e.to_string(),
-        })?;
-        let at = w.now();
-        if outputs.is_empty() && at == before {
-            // Work the scheduler cannot place (no blocks to run it): time would stand still.
-            return Err(SimError::Stuck(
-                self.tracks.iter().filter(|t| !t.done).count(),
-            ));
-        }
+        let outputs = self.decode[d]
+            .step(&format!("decode worker {d}"))?
+            .ok_or_else(|| self.stuck())?;
+        let at = self.decode[d].now();
         for out in &outputs {
             self.record(d, at, out);
         }
         Ok(())
     }
 
+    fn stuck(&self) -> SimError {
+        SimError::Stuck(self.tracks.iter().filter(|t| !t.done).count())
+    }
+
+    /// What every request of the workload asks: exactly `osl` tokens.
+    fn fixed_length(&self) -> SamplingParams {
+        SamplingParams {
+            max_tokens: self.work.osl,
+            min_tokens: self.work.osl,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        }
+    }
+
     fn step_prefill(&mut self, p: usize) -> Result<(), SimError> {
         if self.prefill_job[p].is_none() {
-            let job = self
+            let mut job = self
                 .queue
                 .pop_front()
                 .expect("a prefill worker pulls only a queued job");
@@ -491,15 +503,11 @@ impl Sim<'_> {
             if job.enqueued > now {
                 w.clock.advance(Duration::from_nanos(job.enqueued - now));
             }
+            // The job's tokens go to the prefill engine; the job itself stays for the notice.
             let request = Request {
                 request_id: request_id(job.request),
-                prompt_token_ids: job.tokens.clone(),
-                params: SamplingParams {
-                    max_tokens: self.work.osl,
-                    min_tokens: self.work.osl,
-                    ignore_eos: true,
-                    ..SamplingParams::default()
-                },
+                prompt_token_ids: std::mem::take(&mut job.tokens),
+                params: self.fixed_length(),
             };
             self.prefill[p]
                 .engine
@@ -511,17 +519,9 @@ impl Sim<'_> {
             self.prefill_job[p] = Some(job);
             return Ok(());
         }
-        let w = &mut self.prefill[p];
-        let before = w.now();
-        let outputs = w.engine.step().map_err(|e| SimError::Engine {
-            request: format!("step of prefill worker {p}"),
-            reason: e.to_string(),
-        })?;
-        if outputs.is_empty() && w.now() == before {
-            return Err(SimError::Stuck(
-                self.tracks.iter().filter(|t| !t.done).count(),
-            ));
-        }
+        let outputs = self.prefill[p]
+            .step(&format!("prefill worker {p}"))?
+            .ok_or_else(|| self.stuck())?;
         for out in outputs {
             match out {
                 RequestOutput::Prefilled {

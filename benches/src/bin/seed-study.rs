@@ -112,22 +112,6 @@ fn table(name: &str, points: &[Point], published: &[Published]) -> String {
     s
 }
 
-fn json(points: &[Point]) -> serde_json::Value {
-    points
-        .iter()
-        .map(|p| {
-            serde_json::json!({
-                "concurrency": p.concurrency, "requests": p.requests,
-                "ttft_mean_s": p.ttft_mean_s, "ttft_p90_s": p.ttft_p90_s,
-                "itl_mean_s": p.itl_mean_s, "e2e_mean_s": p.e2e_mean_s,
-                "output_tok_s": p.output_tok_s, "tok_s_gpu": p.tok_s_gpu,
-                "tok_s_user": p.tok_s_user, "remote_prefills": p.remote_prefills,
-                "local_prefills": p.local_prefills, "errors": p.errors,
-            })
-        })
-        .collect()
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.calibrate {
@@ -175,7 +159,7 @@ fn main() -> Result<()> {
             "aggregated_2_nodes",
             "disaggregated_2_nodes",
         ][i];
-        results.insert(key.into(), json(&points));
+        results.insert(key.into(), serde_json::to_value(&points)?);
     }
     let mut md = format!(
         "## Seed study on the mock engine (simulated H100 nodes, DeepSeek-R1-Distill-Llama-70B FP8, ISL 3000 / OSL 150)\n\nEfficiencies: {CALIBRATED_EFFICIENCY:?}. {} s of wall time for the four sweeps.\n\n",
