@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use decode_worker::{worker_endpoint, DecodeWorker, DisaggState, Disaggregation, EngineHost};
-use engine::{loader, EngineOptions, ModelCard, SharedModel};
+use engine::{loader, Engine, EngineOptions, ModelCard, SharedModel};
 use frontend::{AdminSettings, AppState, FrontendConfig};
 use kv_transfer::KvSink;
 use prefill_worker::{PrefillHost, PrefillOptions, PrefillWorker};
 use router::{policy_from_name, Router};
+use runtime::kv_event::KvEvent;
 use runtime::Planes;
 
 use crate::serve::{self, Resolved, ServeArgs};
@@ -79,7 +80,6 @@ pub async fn decode_worker(
         ..settings.engine.clone()
     };
     let name = format!("engine-{index}");
-    let model_name = &settings.served_model_name;
     let worker = if settings.disagg.remote_prefill {
         // The KV cache lives in the sink's memory, where prefill workers write.
         let layout = model.kv_layout(&opts)?;
@@ -87,22 +87,18 @@ pub async fn decode_worker(
             .await
             .context("opening the KV cache for prefill workers")?;
         let (engine, _card) = model.engine_in(&opts, Some(sink.memory()))?;
-        let state = DisaggState::new(settings.disagg.clone());
-        let host = EngineHost::start_with(engine, Some(kv_rx), &name, Some(state.clone()))?;
         let endpoints: Vec<String> = sink
             .descriptor()
             .endpoints
             .iter()
             .map(|e| format!("{}={}", e.backend, e.address))
             .collect();
-        let disagg = Disaggregation { state, sink };
-        let worker = DecodeWorker::start_with(host, planes, model_name, Some(disagg)).await?;
+        let worker = start_decode(planes, settings, engine, kv_rx, &name, Some(sink)).await?;
         tracing::info!(kv = ?endpoints, "decode worker takes remote prefills");
         worker
     } else {
         let (engine, _card) = model.engine(&opts)?;
-        let host = EngineHost::start(engine, Some(kv_rx), &name)?;
-        DecodeWorker::start(host, planes, model_name).await?
+        start_decode(planes, settings, engine, kv_rx, &name, None).await?
     };
     tracing::info!(
         instance = worker.instance_id(),
@@ -144,20 +140,14 @@ pub async fn mock_decode_worker(
             engine::mock::kv_layout(&model, engine.block_size(), engine.stats().kv_blocks_total);
         let sink = KvSink::simulated(layout, mock.kv_link_bytes_per_s)
             .context("opening the simulated KV link")?;
-        let state = DisaggState::new(settings.disagg.clone());
-        let host = EngineHost::start_with(engine, Some(kv_rx), &name, Some(state.clone()))?;
-        let disagg = Disaggregation { state, sink };
-        let worker =
-            DecodeWorker::start_with(host, planes, &settings.served_model_name, Some(disagg))
-                .await?;
+        let worker = start_decode(planes, settings, engine, kv_rx, &name, Some(sink)).await?;
         tracing::info!(
             link_bytes_per_s = mock.kv_link_bytes_per_s,
             "simulated decode worker takes remote prefills"
         );
         worker
     } else {
-        let host = EngineHost::start(engine, Some(kv_rx), &name)?;
-        DecodeWorker::start(host, planes, &settings.served_model_name).await?
+        start_decode(planes, settings, engine, kv_rx, &name, None).await?
     };
     tracing::info!(
         instance = worker.instance_id(),
@@ -165,6 +155,26 @@ pub async fn mock_decode_worker(
         "decode worker ready"
     );
     Ok(worker)
+}
+
+/// Starts `engine` as a registered decode worker; with `sink`, it takes remote prefills by the
+/// graph's disaggregation rule and prefill workers write into the sink.
+async fn start_decode(
+    planes: &Planes,
+    settings: &Resolved,
+    engine: Engine,
+    kv_events: std::sync::mpsc::Receiver<KvEvent>,
+    name: &str,
+    sink: Option<KvSink>,
+) -> Result<DecodeWorker> {
+    let state = sink
+        .as_ref()
+        .map(|_| DisaggState::new(settings.disagg.clone()));
+    let host = EngineHost::start_with(engine, Some(kv_events), name, state.clone())?;
+    let disagg = state
+        .zip(sink)
+        .map(|(state, sink)| Disaggregation { state, sink });
+    Ok(DecodeWorker::start_with(host, planes, &settings.served_model_name, disagg).await?)
 }
 
 /// A prefill worker over the mock executor, on `PrefillWorker.tensor-parallel-size` simulated
