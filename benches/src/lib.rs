@@ -6,3 +6,4 @@
 
 pub mod seed;
 pub mod sim;
+pub mod trace;
