@@ -151,11 +151,7 @@ pub fn xy(
                             .map_err(|e| e.to_string())?;
                     }
                     chart
-                        .draw_series(
-                            points
-                                .iter()
-                                .map(|&p| Circle::new(p, 4, color.filled())),
-                        )
+                        .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
                         .map_err(|e| e.to_string())?
                         .label(c.label.as_str())
                         .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
@@ -183,7 +179,9 @@ pub fn bars(
     series: &[(String, Vec<f64>)],
 ) -> Result<Vec<PathBuf>, PlotError> {
     if categories.is_empty() || series.is_empty() {
-        return Err(PlotError::Empty(format!("{title}: no categories or series")));
+        return Err(PlotError::Empty(format!(
+            "{title}: no categories or series"
+        )));
     }
     let y_max = axis_max(series.iter().flat_map(|s| s.1.iter().copied()));
     let n = series.len() as f64;
@@ -287,7 +285,11 @@ mod tests {
         )
         .unwrap();
         for f in &files {
-            assert!(std::fs::metadata(f).unwrap().len() > 1000, "{}", f.display());
+            assert!(
+                std::fs::metadata(f).unwrap().len() > 1000,
+                "{}",
+                f.display()
+            );
         }
         let svg = std::fs::read_to_string(&files[0]).unwrap();
         assert!(svg.contains("run a") && svg.contains("published"));
@@ -296,7 +298,10 @@ mod tests {
             "policies",
             "ms",
             &["kv".into(), "round-robin".into()],
-            &[("p50".into(), vec![1.0, 2.0]), ("p90".into(), vec![3.0, 4.0])],
+            &[
+                ("p50".into(), vec![1.0, 2.0]),
+                ("p90".into(), vec![3.0, 4.0]),
+            ],
         )
         .unwrap();
         assert!(std::fs::read_to_string(&files[0])
