@@ -8,6 +8,7 @@ mod components;
 // disaggregation and router issues will read are parsed (and type-checked) already.
 #[allow(dead_code)]
 mod config;
+mod export;
 mod generate;
 mod graph;
 mod run;
@@ -33,6 +34,9 @@ enum Command {
     /// Benchmark an OpenAI-compatible server (aiperf's flags and output files); `bench plot`
     /// draws runs as a Pareto chart.
     Bench(benches::client::BenchArgs),
+    /// Write a model (a GGUF, or `smollm2`) as a Hugging Face folder: config, tokenizer, chat
+    /// template and safetensors weights.
+    ExportHf(export::ExportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,7 +44,7 @@ fn main() -> std::process::ExitCode {
     // A server reports its progress; a one-shot command only its problems.
     let default_level = match cli.command {
         Command::Serve(_) | Command::Run(_) => "info",
-        Command::Generate(_) | Command::Bench(_) => "warn",
+        Command::Generate(_) | Command::Bench(_) | Command::ExportHf(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -55,6 +59,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Run(args) => run::run(args),
+        Command::ExportHf(args) => export::run(args),
         Command::Bench(args) => benches::client::main(args).map_err(Into::into),
     };
     match result {

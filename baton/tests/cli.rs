@@ -131,3 +131,75 @@ fn bad_input_is_named_and_exits_non_zero() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn export_hf_writes_a_folder_that_generates_what_the_gguf_does() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("export-hf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = baton(&[
+        "export-hf",
+        "--output",
+        dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "model.safetensors",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    // f32 weights and f32 compute: the same greedy tokens from either copy of the weights.
+    let generate = |model: &str| {
+        let out = baton(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "16",
+            "--dtype",
+            "f32",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token_ids"].clone()
+    };
+    let from_gguf = generate("smollm2");
+    assert_eq!(from_gguf.as_array().map(Vec::len), Some(16), "{from_gguf}");
+    assert_eq!(generate(dir.to_str().unwrap()), from_gguf);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["rms_norm_eps"], 1e-5);
+    assert_eq!(config["torch_dtype"], "float32");
+
+    let bare = dir.with_extension("bare");
+    let out = baton(&[
+        "export-hf",
+        "--output",
+        bare.to_str().unwrap(),
+        "--no-weights",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(bare.join("tokenizer.json").is_file() && !bare.join("model.safetensors").exists());
+    assert_clean_failure(
+        &baton(&[
+            "export-hf",
+            "--output",
+            bare.to_str().unwrap(),
+            "--dtype",
+            "int3",
+        ]),
+        "--dtype int3",
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&bare).ok();
+}

@@ -10,6 +10,8 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write `{path}`: {reason}")]
+    Write { path: PathBuf, reason: String },
     #[error("`{path}` is not a valid GGUF file: {reason}")]
     InvalidGguf { path: PathBuf, reason: String },
     #[error("`{path}` is not a valid safetensors file: {reason}")]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod export;
 pub mod kv_cache;
 pub mod loader;
 pub mod mock;

@@ -55,6 +55,10 @@ impl Weights {
         self.tensors.is_empty()
     }
 
+    pub fn get(&self, name: &str) -> Option<&WeightTensor> {
+        self.tensors.get(name)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }
