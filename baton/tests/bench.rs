@@ -119,7 +119,7 @@ fn a_sweep_writes_aiperf_files_with_exact_lengths_and_plots() {
         let total = summary["output_token_throughput"]["avg"].as_f64().unwrap();
         assert!((per_gpu * 4.0 - total).abs() < 1e-6 * total);
         let csv = std::fs::read_to_string(run.join("profile_export_aiperf.csv")).unwrap();
-        assert!(csv.starts_with("Metric,avg,min,max,p1,"), "{csv}");
+        assert!(csv.starts_with("Metric,avg,min,max,sum,p1,"), "{csv}");
         assert!(csv.contains("\nTime to First Token (ms),"), "{csv}");
         assert!(csv.contains("\nRequest Count (requests),"), "{csv}");
     }
@@ -185,7 +185,7 @@ fn a_trace_replay_sends_each_request_with_its_lengths_and_shared_prefixes() {
     // the third shares only the template, less than one 128-token block.
     let cached: Vec<f64> = records
         .iter()
-        .map(|r| value(r, "usage_prompt_cached_tokens"))
+        .map(|r| value(r, "usage_prompt_cache_read_tokens"))
         .collect();
     assert!(cached[1] >= 512.0 && cached[2] == 0.0, "{cached:?}");
     // No request leaves before its timestamp / 2 after the schedule's start.

@@ -87,7 +87,7 @@ pub fn record_json(r: &Record) -> Value {
     }
     if let Some(n) = o.usage_cached_tokens {
         metrics.insert(
-            "usage_prompt_cached_tokens".into(),
+            "usage_prompt_cache_read_tokens".into(),
             metric(json!(n), "tokens"),
         );
     }
@@ -170,13 +170,13 @@ fn fmt(v: f64) -> String {
     format!("{v:.2}")
 }
 
-/// `profile_export_aiperf.csv`.
+/// `profile_export_aiperf.csv`, with aiperf 0.13's columns.
 pub fn summary_csv(s: &Summary) -> String {
-    let mut out = String::from("Metric,avg,min,max,p1,p5,p10,p25,p50,p75,p90,p95,p99,std\n");
+    let mut out = String::from("Metric,avg,min,max,sum,p1,p5,p10,p25,p50,p75,p90,p95,p99,std\n");
     for (name, label) in CSV_ORDER {
         if let Some(st) = s.metrics.get(name) {
             let cols = [
-                st.avg, st.min, st.max, st.p1, st.p5, st.p10, st.p25, st.p50, st.p75, st.p90,
+                st.avg, st.min, st.max, st.sum, st.p1, st.p5, st.p10, st.p25, st.p50, st.p75, st.p90,
                 st.p95, st.p99, st.std,
             ];
             out.push_str(&format!(

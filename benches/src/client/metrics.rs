@@ -28,6 +28,8 @@ pub struct Stats {
     pub p95: f64,
     pub p99: f64,
     pub std: f64,
+    pub count: usize,
+    pub sum: f64,
 }
 
 /// Linear interpolation between closest ranks (numpy's default, which aiperf uses).
@@ -66,6 +68,8 @@ impl Stats {
             p95: p(95.0),
             p99: p(99.0),
             std: var.sqrt(),
+            count: v.len(),
+            sum: v.iter().sum(),
         })
     }
 }

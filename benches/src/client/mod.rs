@@ -21,6 +21,15 @@ use serde_json::{Map, Value};
 
 pub use http::Endpoint;
 pub use runner::{profile, Run};
+
+/// [`profile`] on a runtime of its own, for callers without one.
+pub fn profile_blocking(args: &ProfileArgs) -> Result<Run, BenchError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Runtime(e.to_string()))?
+        .block_on(profile(args))
+}
 pub use sweep::{SweepFile, SweepPoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +169,27 @@ pub struct ProfileArgs {
     pub quiet: bool,
 }
 
+/// `ProfileArgs` as a parser of its own, for reports that drive the client in process.
+#[derive(clap::Parser)]
+struct Flags {
+    #[command(flatten)]
+    profile: ProfileArgs,
+}
+
 impl ProfileArgs {
+    /// The args that `baton bench FLAGS…` would get, e.g. `["--isl", "128", "--quiet"]`.
+    pub fn from_flags<S: AsRef<str>>(flags: &[S]) -> Result<ProfileArgs, BenchError> {
+        use clap::Parser;
+        let argv = std::iter::once("baton-bench").chain(flags.iter().map(AsRef::as_ref));
+        Flags::try_parse_from(argv)
+            .map(|f| f.profile)
+            .map_err(|e| BenchError::Flag {
+                name: "bench",
+                value: flags.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(" "),
+                reason: e.to_string(),
+            })
+    }
+
     pub fn check(&self) -> Result<(), BenchError> {
         let flag = |name, value: String, reason: &str| {
             Err(BenchError::Flag {
@@ -250,11 +279,7 @@ pub fn main(args: BenchArgs) -> Result<(), BenchError> {
             Ok(())
         }
         None => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| BenchError::Runtime(e.to_string()))?;
-            let run = rt.block_on(profile(&args.profile))?;
+            let run = profile_blocking(&args.profile)?;
             print!("{}", run.table());
             println!("results: {}", run.dir.display());
             Ok(())
