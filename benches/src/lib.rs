@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod plot;
+pub mod procstat;
 pub mod seed;
 pub mod sim;
 pub mod trace;

@@ -14,14 +14,14 @@
 //! that exit during a run are caught by the process's utime+stime in `/proc/PID/stat`. The
 //! client runs in this process on one thread and shares the machine's cores with the server.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
+use baton_benches::procstat::{clock_tick, cpu_delta, self_cpu, snapshot, CpuDelta};
 use clap::Parser;
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
@@ -63,147 +63,6 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// CPU accounting from /proc
-
-#[derive(Clone)]
-struct TaskCpu {
-    comm: String,
-    run_ns: u64,
-    ticks: u64,
-}
-
-struct CpuSnap {
-    at: Instant,
-    tasks: HashMap<u32, TaskCpu>,
-    /// utime + stime of the whole process, exited threads included.
-    proc_ticks: u64,
-}
-
-/// utime + stime (clock ticks) from a `stat` line; the comm field may hold spaces.
-fn stat_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After "(comm) ": state is field 3 of the man page, utime 14 and stime 15.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn snapshot(pid: u32) -> Result<CpuSnap> {
-    let at = Instant::now();
-    let proc_ticks = stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
-        .ok_or_else(|| anyhow!("unparsable /proc/{pid}/stat"))?;
-    let mut tasks = HashMap::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let entry = entry?;
-        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let dir = entry.path();
-        // A thread may exit between the listing and the reads.
-        let (Ok(comm), Ok(sched), Ok(stat)) = (
-            std::fs::read_to_string(dir.join("comm")),
-            std::fs::read_to_string(dir.join("schedstat")),
-            std::fs::read_to_string(dir.join("stat")),
-        ) else {
-            continue;
-        };
-        let run_ns = sched
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("unparsable schedstat of thread {tid}"))?;
-        let ticks = stat_ticks(&stat).ok_or_else(|| anyhow!("unparsable stat of {tid}"))?;
-        tasks.insert(
-            tid,
-            TaskCpu {
-                comm: comm.trim().to_string(),
-                run_ns,
-                ticks,
-            },
-        );
-    }
-    Ok(CpuSnap {
-        at,
-        tasks,
-        proc_ticks,
-    })
-}
-
-/// CPU seconds of one run, split by thread.
-#[derive(Clone, Copy, Default)]
-struct CpuDelta {
-    wall: f64,
-    /// Every thread named `engine-*`.
-    engine: f64,
-    /// The engine loop's own thread (the first `engine-*` thread): its time on CPU is the
-    /// time the engine was busy, as it blocks when idle.
-    engine_main: f64,
-    /// Every other thread, plus threads that exited during the run.
-    frontend: f64,
-    /// Part of `frontend`: CPU of threads that exited during the run.
-    exited: f64,
-}
-
-impl CpuDelta {
-    fn total(&self) -> f64 {
-        self.engine + self.frontend
-    }
-}
-
-fn cpu_delta(a: &CpuSnap, b: &CpuSnap, tick: f64) -> CpuDelta {
-    let mut d = CpuDelta {
-        wall: (b.at - a.at).as_secs_f64(),
-        ..Default::default()
-    };
-    let engine_main_tid = b
-        .tasks
-        .iter()
-        .filter(|(_, t)| t.comm.starts_with("engine-"))
-        .map(|(tid, _)| *tid)
-        .min();
-    let mut live_ticks = 0u64;
-    for (tid, t) in &b.tasks {
-        let before = a.tasks.get(tid);
-        let run = (t.run_ns - before.map_or(0, |x| x.run_ns)) as f64 / 1e9;
-        live_ticks += t.ticks - before.map_or(0, |x| x.ticks);
-        if t.comm.starts_with("engine-") {
-            d.engine += run;
-            if Some(*tid) == engine_main_tid {
-                d.engine_main += run;
-            }
-        } else {
-            d.frontend += run;
-        }
-    }
-    // When a thread exited during the run, the process's ticks that no live thread accounts
-    // for are its CPU (per-thread and per-process ticks round apart by a tick or so, so this
-    // is not done otherwise).
-    if a.tasks.keys().any(|tid| !b.tasks.contains_key(tid)) {
-        let exited_ticks = (b.proc_ticks - a.proc_ticks).saturating_sub(live_ticks);
-        d.exited = exited_ticks as f64 * tick;
-    }
-    d.frontend += d.exited;
-    d
-}
-
-fn clock_tick() -> f64 {
-    let hz = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .unwrap_or(100.0);
-    1.0 / hz
-}
-
-/// CPU seconds of this process (the load generator), over its live threads.
-fn self_cpu() -> f64 {
-    snapshot(std::process::id()).map_or(0.0, |s| {
-        s.tasks.values().map(|t| t.run_ns).sum::<u64>() as f64 / 1e9
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
