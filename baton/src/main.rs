@@ -1,6 +1,7 @@
 //! `baton`: the binary. `serve` runs the whole graph in one process (OpenAI frontend on port
 //! 8000, in-process workers); `generate` runs one prompt through the engine directly.
 //! With NATS and etcd, `serve` starts each component as a `baton run <component>` process.
+//! `bench` is the load generator (`benches::client`), pointed at any OpenAI URL.
 
 mod components;
 // The config types accept every key of the seed's YAML as written; the keys that the
@@ -29,6 +30,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run one component (frontend, decode-worker) as its own process over NATS and etcd.
     Run(run::RunArgs),
+    /// Benchmark an OpenAI-compatible server (aiperf's flags and output files); `bench plot`
+    /// draws runs as a Pareto chart.
+    Bench(benches::client::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,7 +40,7 @@ fn main() -> std::process::ExitCode {
     // A server reports its progress; a one-shot command only its problems.
     let default_level = match cli.command {
         Command::Serve(_) | Command::Run(_) => "info",
-        Command::Generate(_) => "warn",
+        Command::Generate(_) | Command::Bench(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -51,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Run(args) => run::run(args),
+        Command::Bench(args) => benches::client::main(args).map_err(Into::into),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,6 +4,8 @@
 //! trace replay and policy comparisons arrive with the benchmark issue. `sim` simulates a graph
 //! of mock-engine workers on virtual clocks for the seed's studies (`seed-study`).
 
+pub mod client;
+pub mod plot;
 pub mod seed;
 pub mod sim;
 pub mod trace;

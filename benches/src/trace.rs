@@ -123,7 +123,10 @@ impl BlockTokens {
     /// `alphabet`: the token ids prompts may use (for text endpoints, ids that survive a
     /// decode/encode round trip one for one). Panics on an empty alphabet: a caller's bug.
     pub fn new(alphabet: Vec<u32>, block_tokens: usize, seed: u64) -> Self {
-        assert!(!alphabet.is_empty(), "a prompt alphabet needs at least one token");
+        assert!(
+            !alphabet.is_empty(),
+            "a prompt alphabet needs at least one token"
+        );
         assert!(block_tokens > 0, "a block holds at least one token");
         BlockTokens {
             alphabet,
@@ -185,9 +188,13 @@ mod tests {
 
     #[test]
     fn bad_lines_are_named() {
-        let short = r#"{"timestamp": 0, "input_length": 9, "output_length": 3, "hash_ids": [0, 1]}"#;
+        let short =
+            r#"{"timestamp": 0, "input_length": 9, "output_length": 3, "hash_ids": [0, 1]}"#;
         let e = parse_str(short).unwrap_err().to_string();
-        assert!(e.contains("t.jsonl:1") && e.contains("input_length 9"), "{e}");
+        assert!(
+            e.contains("t.jsonl:1") && e.contains("input_length 9"),
+            "{e}"
+        );
         let late = concat!(
             r#"{"timestamp": 9, "input_length": 2, "output_length": 3, "hash_ids": [0]}"#,
             "\n",
