@@ -152,6 +152,17 @@ fn the_study_writes_its_table_json_and_plot_and_names_bad_flags() {
         serde_json::from_slice(&std::fs::read(out.join("routing-study.json")).unwrap()).unwrap();
     assert_eq!(json["runs"].as_array().unwrap().len(), 10);
     assert_eq!(json["runs"][0]["result"]["completed"], 60);
+    for chart in ["ttft-scale2", "ttft-scale1", "hit"] {
+        let svg = std::fs::read_to_string(out.join(format!("routing-study-{chart}.svg"))).unwrap();
+        assert!(
+            svg.contains("<svg") && svg.contains("power-of-two"),
+            "{chart}"
+        );
+        assert!(
+            out.join(format!("routing-study-{chart}.png")).exists(),
+            "{chart}"
+        );
+    }
     std::fs::remove_dir_all(&out).unwrap();
 
     for (flag, value, named) in [

@@ -7,12 +7,16 @@
 //!   cargo run --release -p baton-benches --bin routing-study -- --time-scale 2 --policies kv,round-robin
 //!   cargo run --release -p baton-benches --bin routing-study -- --requests 300 --output /tmp/r
 //!
-//! Results go to `benches/results/routing-study.{md,json,svg}`.
+//! Results go to `benches/results/routing-study.{md,json}`, with bar charts beside them:
+//! `routing-study-ttft-scale{S}.{svg,png}` (TTFT p50/p90 per policy at each time scale: their
+//! ranges differ by orders of magnitude, so one chart each) and `routing-study-hit.{svg,png}`
+//! (hit rates, with the ideal and pooled-LRU references).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use baton_benches::plot;
 use baton_benches::sim::{replay, routing_graph, Replay, ReplayPoint};
 use baton_benches::trace;
 use clap::Parser;
@@ -94,6 +98,74 @@ struct Run {
     wall_s: f64,
 }
 
+/// A time scale as a file-name part: `1.5` → `1_5` (a dot would read as an extension).
+fn scale_tag(scale: f64) -> String {
+    scale.to_string().replace('.', "_")
+}
+
+/// Grouped bars by policy, with one empty group on the right where `plot::bars` puts the
+/// legend, so that it covers no bar.
+fn bars(
+    stem: PathBuf,
+    title: &str,
+    y_label: &str,
+    policies: &[String],
+    mut series: Vec<(String, Vec<f64>)>,
+) -> Result<Vec<PathBuf>> {
+    let mut categories = policies.to_vec();
+    categories.push(String::new());
+    for (_, values) in &mut series {
+        values.push(0.0);
+    }
+    Ok(plot::bars(&stem, title, y_label, &categories, &series)?)
+}
+
+/// The charts of every run: per time scale, TTFT p50 and p90 by policy; then the hit rates by
+/// policy at each scale beside the two references. Returns the files written.
+fn charts(dir: &Path, policies: &[String], runs: &[(f64, Vec<Run>)]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let of = |runs: &[Run], f: fn(&ReplayPoint) -> f64| -> Vec<f64> {
+        runs.iter().map(|r| f(&r.point)).collect()
+    };
+    for (scale, runs) in runs {
+        files.extend(bars(
+            dir.join(format!("routing-study-ttft-scale{}", scale_tag(*scale))),
+            &format!("TTFT by routing policy, Mooncake conversation trace, time scale {scale}"),
+            "seconds (simulated)",
+            policies,
+            vec![
+                ("TTFT p50".into(), of(runs, |p| p.ttft_p50_s)),
+                ("TTFT p90".into(), of(runs, |p| p.ttft_p90_s)),
+            ],
+        )?);
+    }
+    let percent = |runs: &[Run], f: fn(&ReplayPoint) -> f64| -> Vec<f64> {
+        of(runs, f).into_iter().map(|v| v * 100.0).collect()
+    };
+    let mut series: Vec<(String, Vec<f64>)> = runs
+        .iter()
+        .map(|(scale, runs)| {
+            let label = format!("hits, scale {scale}");
+            (label, percent(runs, |p| p.hit_rate))
+        })
+        .collect();
+    if let Some((_, first)) = runs.first() {
+        series.push((
+            "pooled LRU".into(),
+            percent(first, |p| p.pooled_lru_hit_rate),
+        ));
+        series.push(("ideal".into(), percent(first, |p| p.ideal_hit_rate)));
+    }
+    files.extend(bars(
+        dir.join("routing-study-hit"),
+        "Prefix-hit rate by routing policy (prompt tokens cached on the chosen worker at arrival)",
+        "% of prompt tokens",
+        policies,
+        series,
+    )?);
+    Ok(files)
+}
+
 fn table(runs: &[Run]) -> String {
     let mut s = String::from(
         "| policy | TTFT p50 (s) | TTFT p90 (s) | TTFT mean (s) | E2E mean (s) | E2E p50 (s) | E2E p90 (s) | ITL mean (ms) | output tok/s | req/s | hit rate | ideal hit rate | pooled LRU hit rate | prefill imbalance | preemptions | rejected / errors |\n\
@@ -151,6 +223,7 @@ fn main() -> Result<()> {
         args.seed,
     );
     let mut json_runs = Vec::new();
+    let mut all_runs = Vec::new();
     for &time_scale in &args.time_scale {
         let mut runs = Vec::new();
         for policy in &args.policies {
@@ -185,6 +258,7 @@ fn main() -> Result<()> {
             runs.iter()
                 .map(|r| serde_json::json!({ "wall_s": r.wall_s, "result": r.point })),
         );
+        all_runs.push((time_scale, runs));
     }
     print!("{md}");
     std::fs::create_dir_all(&args.output)
@@ -202,5 +276,9 @@ fn main() -> Result<()> {
             "runs": json_runs,
         }))?,
     )?;
+    // The table and JSON are written first: a machine without the chart font still gets them.
+    for f in charts(&args.output, &args.policies, &all_runs)? {
+        eprintln!("wrote {}", f.display());
+    }
     Ok(())
 }
