@@ -23,7 +23,7 @@ use super::{percentile, prompt_ids, Cluster, Pool, Sim, SimError, Source, Track}
 use crate::trace::{BlockTokens, TraceRequest, MOONCAKE_BLOCK_TOKENS};
 
 /// The routing study's graph: `workers` aggregated workers of the seed's 70B FP8, one H200
-/// each (TP1: the weights leave ~56 GB of HBM, 2 687 blocks of 128 tokens = 344 k tokens of KV,
+/// each (TP1: the weights leave ~56 GB of HBM, 2 686 blocks of 128 tokens = 344 k tokens of KV,
 /// so the trace's longest request, 126 k tokens, fits one worker; an H100 at TP1 would hold
 /// 8.8 k). Engine settings are the seed's vLLM baseline: chunked prefill at 2 048 tokens a
 /// step, 256 sequences, the model's 128 K context; prefix caching on.
