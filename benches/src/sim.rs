@@ -5,7 +5,8 @@
 //! decode workers apply the seed's conditional rule (DESIGN.md §4) and prefill workers pull
 //! from one FIFO queue, one job at a time as `prefill-worker` does, then hold the link for the
 //! KV transfer (bytes / link bandwidth). A closed-loop client keeps `concurrency` requests in
-//! flight, as genai-perf's `--concurrency` does.
+//! flight, as genai-perf's `--concurrency` does; [`replay`] instead sends a Mooncake trace's
+//! requests open loop, at their recorded arrival times, with their own prompts and lengths.
 //!
 //! Events run in simulated-time order: the earliest of an arrival, a finished remote prefill,
 //! or the next step of a busy worker (a step starts when the worker's clock says it is free).
@@ -28,6 +29,10 @@ use router::{
 };
 use runtime::block_hash::block_hashes;
 use runtime::discovery::{EndpointId, Instance};
+
+mod replay;
+
+pub use replay::{replay, routing_graph, Replay, ReplayPoint};
 
 /// Llama 3's end-of-text ids: the 70B's card, for the engine's stop checks.
 const LLAMA3_EOS: [u32; 2] = [128001, 128009];
@@ -116,17 +121,24 @@ pub struct Point {
     pub tok_s_user: f64,
     pub remote_prefills: usize,
     pub local_prefills: usize,
+    /// Requests that failed in an engine or that a worker refused at admission.
     pub errors: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    #[error("unknown routing policy `{0}`")]
+    #[error("unknown routing policy `{0}` (use {names})", names = router::POLICY_NAMES)]
     Policy(String),
     #[error("request `{request}` failed in the engine: {reason}")]
     Engine { request: String, reason: String },
     #[error("the simulation stopped with {0} requests unfinished")]
     Stuck(usize),
+    #[error("a graph needs at least one decode worker, got `workers` {0}")]
+    NoWorkers(usize),
+    #[error("`time_scale` {0} must be a finite number above 0")]
+    TimeScale(f64),
+    #[error("the trace to replay holds no requests")]
+    EmptyTrace,
 }
 
 struct Worker {
@@ -226,11 +238,28 @@ struct Track {
     last: u64,
     tokens: usize,
     done: bool,
+    /// Prompt tokens: what the router's counts add for the request and later release.
+    isl: usize,
+    osl: usize,
+    /// The decode worker it was sent to, and the prompt tokens that worker's prefix cache
+    /// held when it arrived.
+    worker: usize,
+    cached: usize,
+    /// Refused at admission (longer than the worker's context or KV cache).
+    rejected: bool,
+}
+
+/// Where a run's requests come from.
+enum Source<'a> {
+    /// The closed loop: the next request starts when one finishes; random prompts.
+    Closed(&'a Workload),
+    /// The open loop: a trace's requests at their own times, with their own prompts.
+    Trace(Box<replay::Feed<'a>>),
 }
 
 struct Sim<'a> {
     cluster: &'a Cluster,
-    work: &'a Workload,
+    source: Source<'a>,
     policy: Box<dyn RoutingPolicy>,
     decode: Vec<Worker>,
     prefill: Vec<Worker>,
@@ -246,46 +275,63 @@ struct Sim<'a> {
     remote: usize,
     local: usize,
     errors: usize,
+    rejected: usize,
     rng: rand_chacha::ChaCha8Rng,
 }
 
 /// Runs one sweep point to its end.
 pub fn run(cluster: &Cluster, work: &Workload) -> Result<Point, SimError> {
-    let policy = policy_from_name(&cluster.policy, KvCostConfig::default())
-        .map_err(|_| SimError::Policy(cluster.policy.clone()))?;
-    let decode = (0..cluster.decode.workers)
-        .map(|i| Worker::new(cluster, &cluster.decode, "decode", i))
-        .collect();
-    let prefill: Vec<Worker> = cluster.disagg.as_ref().map_or(Vec::new(), |d| {
-        (0..d.prefill.workers)
-            .map(|i| Worker::new(cluster, &d.prefill, "prefill", i))
-            .collect()
-    });
     let total = work.warmup + work.requests;
-    let mut sim = Sim {
-        cluster,
-        work,
-        policy,
-        prefill_job: prefill.iter().map(|_| None).collect(),
-        decode,
-        prefill,
-        queue: VecDeque::new(),
-        events: BinaryHeap::new(),
-        pending: HashMap::new(),
-        next_event: 0,
-        counts: vec![WorkerCounts::default(); cluster.decode.workers],
-        tracks: vec![Track::default(); total],
-        issued: 0,
-        remote: 0,
-        local: 0,
-        errors: 0,
-        rng: rand_chacha::ChaCha8Rng::seed_from_u64(work.seed),
-    };
+    let mut sim = Sim::new(cluster, Source::Closed(work), total, work.seed)?;
     for _ in 0..work.concurrency.min(total) {
         sim.issue(0);
     }
     sim.run_events()?;
-    Ok(sim.point())
+    Ok(sim.point(work))
+}
+
+impl<'a> Sim<'a> {
+    /// The graph's workers, idle at time 0, for `total` requests.
+    fn new(
+        cluster: &'a Cluster,
+        source: Source<'a>,
+        total: usize,
+        seed: u64,
+    ) -> Result<Self, SimError> {
+        if cluster.decode.workers == 0 {
+            return Err(SimError::NoWorkers(0));
+        }
+        let policy = policy_from_name(&cluster.policy, KvCostConfig::default())
+            .map_err(|_| SimError::Policy(cluster.policy.clone()))?;
+        let decode = (0..cluster.decode.workers)
+            .map(|i| Worker::new(cluster, &cluster.decode, "decode", i))
+            .collect();
+        let prefill: Vec<Worker> = cluster.disagg.as_ref().map_or(Vec::new(), |d| {
+            (0..d.prefill.workers)
+                .map(|i| Worker::new(cluster, &d.prefill, "prefill", i))
+                .collect()
+        });
+        Ok(Sim {
+            cluster,
+            source,
+            policy,
+            prefill_job: prefill.iter().map(|_| None).collect(),
+            decode,
+            prefill,
+            queue: VecDeque::new(),
+            events: BinaryHeap::new(),
+            pending: HashMap::new(),
+            next_event: 0,
+            counts: vec![WorkerCounts::default(); cluster.decode.workers],
+            tracks: vec![Track::default(); total],
+            issued: 0,
+            remote: 0,
+            local: 0,
+            errors: 0,
+            rejected: 0,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        })
+    }
 }
 
 impl Sim<'_> {
@@ -296,23 +342,34 @@ impl Sim<'_> {
         self.pending.insert(seq, event);
     }
 
-    /// The closed loop: the next request of the run starts at `t`.
+    /// The next request of the run starts at `t`: in the closed loop, when one ends; in the
+    /// open loop the feed's own times decide instead.
     fn issue(&mut self, t: u64) {
         if self.issued < self.tracks.len() {
             let i = self.issued;
+            let t = match &self.source {
+                Source::Closed(_) => t,
+                Source::Trace(feed) => feed.arrival_ns(i),
+            };
             self.issued += 1;
             self.push(t, Event::Arrival(i));
         }
     }
 
-    fn prompt(&mut self) -> Vec<u32> {
-        // Ids above Llama 3's special range and unique per request: no shared prefixes.
-        (0..self.work.isl)
-            .map(|_| {
-                self.rng
-                    .random_range(1000..self.cluster.model.vocab as u32 - 300)
-            })
-            .collect()
+    /// Request `i`'s prompt and output length.
+    fn prompt(&mut self, i: usize) -> (Vec<u32>, usize) {
+        match &self.source {
+            Source::Closed(work) => {
+                // Ids above Llama 3's special range and unique per request: no shared prefixes.
+                let (isl, osl) = (work.isl, work.osl);
+                let ids = prompt_ids(&self.cluster.model);
+                let tokens = (0..isl)
+                    .map(|_| self.rng.random_range(ids.clone()))
+                    .collect();
+                (tokens, osl)
+            }
+            Source::Trace(feed) => feed.request(i),
+        }
     }
 
     fn run_events(&mut self) -> Result<(), SimError> {
@@ -392,16 +449,26 @@ impl Sim<'_> {
     }
 
     fn arrive(&mut self, t: u64, i: usize) -> Result<(), SimError> {
-        let tokens = self.prompt();
+        let (tokens, osl) = self.prompt(i);
         let hashes = block_hashes(&tokens, self.cluster.block_size);
         let bs = self.cluster.block_size;
+        if let Source::Trace(feed) = &mut self.source {
+            feed.observe(&hashes, tokens.len(), bs);
+            self.issue(t);
+        }
+        let cached: Vec<usize> = self
+            .decode
+            .iter()
+            .map(|w| w.engine.cached_prefix_len(&tokens))
+            .collect();
         let candidates: Vec<Candidate<'_>> = self
             .decode
             .iter()
             .zip(&self.counts)
-            .map(|(w, counts)| Candidate {
+            .zip(&cached)
+            .map(|((w, counts), cached)| Candidate {
                 instance: &w.instance,
-                overlap_blocks: w.engine.cached_prefix_len(&tokens) / bs,
+                overlap_blocks: cached / bs,
                 cached_blocks: w.engine.stats().kv_blocks_cached,
                 counts: *counts,
                 recent_blocks: 0.0,
@@ -428,13 +495,17 @@ impl Sim<'_> {
         c.active_blocks += tokens.len().div_ceil(bs);
         self.tracks[i] = Track {
             arrival: t,
+            isl: tokens.len(),
+            osl,
+            worker: d,
+            cached: cached[d],
             ..Track::default()
         };
 
         let request = Request {
             request_id: request_id(i),
             prompt_token_ids: tokens,
-            params: self.fixed_length(),
+            params: fixed_length(osl),
         };
         let worker = &mut self.decode[d];
         worker.wake_at(t);
@@ -457,14 +528,33 @@ impl Sim<'_> {
                 }
             }
         }
-        self.local += 1;
-        worker
-            .engine
-            .add_request(request)
-            .map_err(|e| SimError::Engine {
-                request: request_id(i),
-                reason: e.to_string(),
-            })
+        if worker.engine.add_request(request).is_err() {
+            self.reject(t, d, i);
+        } else {
+            self.local += 1;
+        }
+        Ok(())
+    }
+
+    /// Request `i` was refused by worker `d` at admission (its prompt and output exceed the
+    /// context or the whole KV cache): the client gets its error at once, and the router's
+    /// books close as for a finished request.
+    fn reject(&mut self, t: u64, d: usize, i: usize) {
+        self.rejected += 1;
+        let track = &mut self.tracks[i];
+        track.done = true;
+        track.rejected = true;
+        track.last = t;
+        let (isl, bs) = (track.isl, self.cluster.block_size);
+        let c = &mut self.counts[d];
+        c.active_requests -= 1;
+        c.prefill_tokens = c.prefill_tokens.saturating_sub(isl);
+        c.active_blocks = c.active_blocks.saturating_sub(isl.div_ceil(bs));
+        self.policy
+            .on_finish(&request_id(i), self.decode[d].instance.instance_id);
+        if matches!(self.source, Source::Closed(_)) {
+            self.issue(t);
+        }
     }
 
     fn step_decode(&mut self, d: usize) -> Result<(), SimError> {
@@ -482,16 +572,6 @@ impl Sim<'_> {
         SimError::Stuck(self.tracks.iter().filter(|t| !t.done).count())
     }
 
-    /// What every request of the workload asks: exactly `osl` tokens.
-    fn fixed_length(&self) -> SamplingParams {
-        SamplingParams {
-            max_tokens: self.work.osl,
-            min_tokens: self.work.osl,
-            ignore_eos: true,
-            ..SamplingParams::default()
-        }
-    }
-
     fn step_prefill(&mut self, p: usize) -> Result<(), SimError> {
         if self.prefill_job[p].is_none() {
             let mut job = self
@@ -507,7 +587,7 @@ impl Sim<'_> {
             let request = Request {
                 request_id: request_id(job.request),
                 prompt_token_ids: std::mem::take(&mut job.tokens),
-                params: self.fixed_length(),
+                params: fixed_length(self.tracks[job.request].osl),
             };
             self.prefill[p]
                 .engine
@@ -567,10 +647,10 @@ impl Sim<'_> {
         let i = request_index(out.request_id());
         let n = out.tokens().len();
         let track = &mut self.tracks[i];
+        let isl = track.isl;
         if n > 0 && track.first.is_none() {
             track.first = Some(at);
-            self.counts[d].prefill_tokens =
-                self.counts[d].prefill_tokens.saturating_sub(self.work.isl);
+            self.counts[d].prefill_tokens = self.counts[d].prefill_tokens.saturating_sub(isl);
             self.policy
                 .on_first_token(out.request_id(), self.decode[d].instance.instance_id);
         }
@@ -585,15 +665,17 @@ impl Sim<'_> {
             c.active_requests -= 1;
             c.active_blocks = c
                 .active_blocks
-                .saturating_sub(self.work.isl.div_ceil(self.cluster.block_size));
+                .saturating_sub(isl.div_ceil(self.cluster.block_size));
             self.policy
                 .on_finish(out.request_id(), self.decode[d].instance.instance_id);
-            self.issue(at);
+            if matches!(self.source, Source::Closed(_)) {
+                self.issue(at);
+            }
         }
     }
 
-    fn point(&self) -> Point {
-        let measured: Vec<&Track> = self.tracks[self.work.warmup..]
+    fn point(&self, work: &Workload) -> Point {
+        let measured: Vec<&Track> = self.tracks[work.warmup..]
             .iter()
             .filter(|t| t.first.is_some())
             .collect();
@@ -617,7 +699,7 @@ impl Sim<'_> {
         let itl_mean = mean(&itl);
         let output_tok_s = tokens as f64 / duration;
         Point {
-            concurrency: self.work.concurrency,
+            concurrency: work.concurrency,
             requests: measured.len(),
             ttft_mean_s: mean(&ttft),
             ttft_p90_s: percentile(&ttft, 0.9),
@@ -629,8 +711,23 @@ impl Sim<'_> {
             tok_s_user: if itl_mean > 0.0 { 1.0 / itl_mean } else { 0.0 },
             remote_prefills: self.remote,
             local_prefills: self.local,
-            errors: self.errors,
+            errors: self.errors + self.rejected,
         }
+    }
+}
+
+/// The token ids synthetic prompts draw from: clear of Llama 3's special tokens at both ends.
+fn prompt_ids(model: &MockModel) -> std::ops::Range<u32> {
+    1000..model.vocab as u32 - 300
+}
+
+/// What every request asks: exactly `osl` tokens (`min_tokens`, `ignore_eos`).
+fn fixed_length(osl: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens: osl,
+        min_tokens: osl,
+        ignore_eos: true,
+        ..SamplingParams::default()
     }
 }
 
