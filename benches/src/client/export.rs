@@ -176,8 +176,8 @@ pub fn summary_csv(s: &Summary) -> String {
     for (name, label) in CSV_ORDER {
         if let Some(st) = s.metrics.get(name) {
             let cols = [
-                st.avg, st.min, st.max, st.sum, st.p1, st.p5, st.p10, st.p25, st.p50, st.p75, st.p90,
-                st.p95, st.p99, st.std,
+                st.avg, st.min, st.max, st.sum, st.p1, st.p5, st.p10, st.p25, st.p50, st.p75,
+                st.p90, st.p95, st.p99, st.std,
             ];
             out.push_str(&format!(
                 "{label} ({}),{}\n",

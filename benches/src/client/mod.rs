@@ -20,7 +20,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Map, Value};
 
 pub use http::Endpoint;
-pub use runner::{profile, Run};
+pub use runner::{profile, profile_with, Phase, Run};
 
 /// [`profile`] on a runtime of its own, for callers without one.
 pub fn profile_blocking(args: &ProfileArgs) -> Result<Run, BenchError> {
@@ -185,7 +185,11 @@ impl ProfileArgs {
             .map(|f| f.profile)
             .map_err(|e| BenchError::Flag {
                 name: "bench",
-                value: flags.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(" "),
+                value: flags
+                    .iter()
+                    .map(AsRef::as_ref)
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 reason: e.to_string(),
             })
     }

@@ -151,6 +151,23 @@ fn default_dir(model: &str, args: &ProfileArgs) -> PathBuf {
 
 /// Runs the sweep (or the trace replay) that `args` describe and writes its files.
 pub async fn profile(args: &ProfileArgs) -> Result<Run, BenchError> {
+    profile_with(args, &mut |_| {}).await
+}
+
+/// Where a run is: `Measuring(c)` just before a level's (or the replay's) measured requests
+/// start, `Measured(c)` just after the last one ends; prompts are built outside that window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Measuring(Option<usize>),
+    Measured(Option<usize>),
+}
+
+/// [`profile`], telling `on_phase` when measured requests start and end (what a caller needs
+/// to charge a server's CPU to the requests alone).
+pub async fn profile_with(
+    args: &ProfileArgs,
+    on_phase: &mut (dyn FnMut(Phase) + Send),
+) -> Result<Run, BenchError> {
     args.check()?;
     let slo = match &args.slo {
         Some(s) => Slo::parse(s).map_err(|reason| BenchError::Flag {
@@ -240,6 +257,7 @@ pub async fn profile(args: &ProfileArgs) -> Result<Run, BenchError> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let mut tasks = Vec::new();
+        on_phase(Phase::Measuring(None));
         for ((k, p), r) in prompts.into_iter().zip(&trace) {
             let at = t0 + Duration::from_secs_f64(r.timestamp_ms as f64 / 1e3 / args.trace_speedup);
             let (client, shape, pb) = (client.clone(), shape.clone(), pb.clone());
@@ -254,6 +272,7 @@ pub async fn profile(args: &ProfileArgs) -> Result<Run, BenchError> {
         for t in tasks {
             done.push(t.await.map_err(|e| BenchError::Runtime(e.to_string()))?);
         }
+        on_phase(Phase::Measured(None));
         pb.finish_and_clear();
         let recs = records(&source, done);
         let summary = Summary::of(&recs, args.gpus, &slo, None);
@@ -285,7 +304,9 @@ pub async fn profile(args: &ProfileArgs) -> Result<Run, BenchError> {
             }
             let pb = bar(args.quiet, meas.len(), format!("c={c} profiling"));
             let started = SystemTime::now();
+            on_phase(Phase::Measuring(Some(c)));
             let done = closed_loop(&client, &shape, meas, c, &pb).await;
+            on_phase(Phase::Measured(Some(c)));
             pb.finish_and_clear();
             let recs = records(&source, done);
             let summary = Summary::of(&recs, args.gpus, &slo, Some(c));
