@@ -7,7 +7,9 @@
 //!   cargo run --release -p baton-benches --bin seed-study -- --max-prefill-queue-size 8
 //!   cargo run --release -p baton-benches --bin seed-study -- --calibrate
 //!
-//! Results go to `benches/results/seed-study-queue{N}.{md,json}`.
+//! Results go to `benches/results/seed-study-queue{N}.{md,json}`, with a Pareto chart per
+//! node count (`…-1node.{png,svg}`, `…-2nodes.{png,svg}`): the simulated curves and the
+//! published points.
 //!
 //! `--calibrate` searches the efficiencies on the aggregated points only (the disaggregated
 //! points are the model's test) and prints the best set; `engine::mock::timing` keeps it.
@@ -15,6 +17,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use baton_benches::plot::{pareto, Curve};
 use baton_benches::seed::{
     aggregated_1_node, aggregated_2_nodes, deviations, disaggregated_1_node, disaggregated_2_nodes,
     worst, Published, AGG_1_NODE, AGG_2_NODES, CONCURRENCY, DISAGG_1_NODE, DISAGG_2_NODES,
@@ -149,8 +152,22 @@ fn main() -> Result<()> {
     ];
     let mut results = serde_json::Map::new();
     let mut tables = String::new();
+    let mut curves: Vec<Curve> = Vec::new();
     for (i, (name, cluster, published)) in graphs.iter().enumerate() {
         let points = sweep(cluster, &args)?;
+        let kind = if i % 2 == 0 {
+            "aggregated"
+        } else {
+            "disaggregated"
+        };
+        curves.push(Curve::line(
+            format!("simulated {kind}"),
+            points.iter().map(|p| (p.tok_s_user, p.tok_s_gpu)).collect(),
+        ));
+        curves.push(Curve::markers(
+            format!("published {kind}"),
+            published.iter().map(|&(gpu, user)| (user, gpu)).collect(),
+        ));
         tables += &table(name, &points, published);
         tables += "\n";
         let key = [
@@ -177,5 +194,17 @@ fn main() -> Result<()> {
             "graphs": results,
         }))?,
     )?;
+    for (nodes, chart) in curves.chunks(4).enumerate() {
+        let suffix = if nodes == 0 { "1node" } else { "2nodes" };
+        pareto(
+            &args.output.join(format!("{stem}-{suffix}")),
+            &format!(
+                "{} node{}: simulated vs published (queue {q})",
+                nodes + 1,
+                if nodes == 0 { "" } else { "s" }
+            ),
+            chart,
+        )?;
+    }
     Ok(())
 }
