@@ -1,8 +1,9 @@
-//! Baton's benchmarks: engine throughput on CPU (`engine-bench`), the serving overhead of
-//! `baton serve` over HTTP (`serve-bench`), request-plane round trips in-process and over NATS
-//! (`plane-bench`), and the micro-measurements in `examples/`. The `baton bench` load generator,
-//! trace replay and policy comparisons arrive with the benchmark issue. `sim` simulates a graph
-//! of mock-engine workers on virtual clocks for the seed's studies (`seed-study`).
+//! Baton's benchmarks, beside the request flow rather than in it: `client` is the load
+//! generator behind `baton bench` (aiperf's flags and files, concurrency sweeps, Mooncake trace
+//! replay, Pareto plots), `sim` simulates a graph of mock-engine workers on virtual clocks for
+//! the seed's study and the routing study, and the bins are the reports (`seed-study`,
+//! `routing-study`, `vllm-report`, `overhead-report`) and the component benches
+//! (`engine-bench`, `serve-bench`, `plane-bench`, `disagg-bench`, `indexer-bench`).
 
 pub mod client;
 pub mod plot;
