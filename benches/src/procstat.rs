@@ -170,13 +170,6 @@ pub fn self_cpu() -> f64 {
     })
 }
 
-/// utime + stime of a whole process (exited threads included), in seconds.
-pub fn process_cpu(pid: u32, tick: f64) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).map_err(io(path.clone()))?;
-    Ok(stat_ticks(&stat).ok_or_else(|| unparsable(path))? as f64 * tick)
-}
-
 /// Engine threads: a real engine's `engine-*` (and the libtorch threads it starts) and the
 /// mock engine's `mock-*`.
 pub fn is_engine(comm: &str) -> bool {

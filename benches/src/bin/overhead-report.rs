@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use baton_benches::client::{profile_blocking, profile_with, Phase, ProfileArgs, SweepPoint};
 use baton_benches::plot::bars;
-use baton_benches::procstat::{clock_tick, cpu_delta, process_cpu, self_cpu, snapshot};
+use baton_benches::procstat::{clock_tick, cpu_delta, self_cpu, snapshot, CpuSnap};
 use clap::Parser;
 use serde::Serialize;
 
@@ -47,12 +47,37 @@ struct Args {
     isl: usize,
     #[arg(long, default_value_t = 20)]
     osl: usize,
+    /// Connections: kept alive (as aiperf and most clients), a new one per request (as the
+    /// anchor's wrk runs: Dynamo's frontend leaves Nagle on, and on a kept-alive connection a
+    /// stream can stall on the client's delayed ACK), or both.
+    #[arg(long, value_enum, default_value = "both")]
+    connections: Connections,
     /// Scratch space: the model folder, logs, Dynamo's state.
     #[arg(long, default_value = "target/overhead-report")]
     work: PathBuf,
     /// Where the markdown, JSON and charts go.
     #[arg(long, default_value = "benches/results")]
     output: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Connections {
+    KeepAlive,
+    New,
+    Both,
+}
+
+impl Connections {
+    /// (label, extra client flags) of each mode to run.
+    fn modes(self) -> Vec<(&'static str, Vec<&'static str>)> {
+        let keep = ("keep-alive", vec![]);
+        let new = ("new per request", vec!["--header", "Connection: close"]);
+        match self {
+            Connections::KeepAlive => vec![keep],
+            Connections::New => vec![new],
+            Connections::Both => vec![keep, new],
+        }
+    }
 }
 
 /// A child process (group) killed when dropped, and with the report if it dies.
@@ -165,6 +190,7 @@ struct Level {
 #[derive(Clone, Debug, Serialize)]
 struct Stack {
     name: String,
+    connections: String,
     levels: Vec<Level>,
 }
 
@@ -174,7 +200,24 @@ enum Cpu {
     Processes { frontend: u32, engine: u32 },
 }
 
-fn sweep(args: &Args, name: &str, base: &str, tokenizer: &Path, cpu: &Cpu) -> Result<Stack> {
+/// Every connection mode's sweep of one stack.
+fn sweeps(args: &Args, name: &str, base: &str, tokenizer: &Path, cpu: &Cpu) -> Result<Vec<Stack>> {
+    args.connections
+        .modes()
+        .into_iter()
+        .map(|(mode, extra)| sweep(args, name, base, tokenizer, cpu, mode, &extra))
+        .collect()
+}
+
+fn sweep(
+    args: &Args,
+    name: &str,
+    base: &str,
+    tokenizer: &Path,
+    cpu: &Cpu,
+    mode: &str,
+    extra: &[&str],
+) -> Result<Stack> {
     let tick = clock_tick();
     let mut levels = Vec::new();
     for &c in &args.concurrency {
@@ -201,26 +244,26 @@ fn sweep(args: &Args, name: &str, base: &str, tokenizer: &Path, cpu: &Cpu) -> Re
                 "--output",
                 &args
                     .work
-                    .join(format!("runs/{name}/{dir}"))
+                    .join(format!("runs/{name}-{}/{dir}", mode.replace(' ', "-")))
                     .to_string_lossy(),
                 "--label",
                 name,
             ]
             .iter()
+            .chain(extra)
             .map(|s| s.to_string())
             .collect()
         };
         profile_blocking(&ProfileArgs::from_flags(&flags(c.max(n / 10), "warmup"))?)?;
         let measured = ProfileArgs::from_flags(&flags(n, &format!("c{c}")))?;
-        // CPU read at the edges of the measured requests only (prompts are built before).
-        let read = |cpu: &Cpu| -> Result<(baton_benches::procstat::CpuSnap, f64, f64)> {
+        // CPU read at the edges of the measured requests only (prompts are built before);
+        // per thread from schedstat (ns), not the process's 10 ms ticks.
+        let read = || -> Result<Vec<CpuSnap>> {
             Ok(match cpu {
-                Cpu::Threads(pid) => (snapshot(*pid)?, 0.0, 0.0),
-                Cpu::Processes { frontend, engine } => (
-                    snapshot(std::process::id())?,
-                    process_cpu(*frontend, tick)?,
-                    process_cpu(*engine, tick)?,
-                ),
+                Cpu::Threads(pid) => vec![snapshot(*pid)?],
+                Cpu::Processes { frontend, engine } => {
+                    vec![snapshot(*frontend)?, snapshot(*engine)?]
+                }
             })
         };
         let mut edges = Vec::new();
@@ -229,18 +272,21 @@ fn sweep(args: &Args, name: &str, base: &str, tokenizer: &Path, cpu: &Cpu) -> Re
             .build()?;
         let run = rt.block_on(profile_with(&measured, &mut |phase| {
             if matches!(phase, Phase::Measuring(_) | Phase::Measured(_)) {
-                edges.push((read(cpu), self_cpu()));
+                edges.push((read(), self_cpu()));
             }
         }))?;
         let [(a, client_a), (b, client_b)] = <[_; 2]>::try_from(edges)
             .map_err(|_| anyhow::anyhow!("the run did not report its measured window"))?;
-        let ((a, fa, ea), (b, fb, eb)) = (a?, b?);
+        let (a, b) = (a?, b?);
         let (frontend_cpu_s, engine_cpu_s) = match cpu {
             Cpu::Threads(_) => {
-                let d = cpu_delta(&a, &b, tick);
+                let d = cpu_delta(&a[0], &b[0], tick);
                 (d.frontend, d.engine)
             }
-            Cpu::Processes { .. } => (fb - fa, eb - ea),
+            Cpu::Processes { .. } => (
+                cpu_delta(&a[0], &b[0], tick).total(),
+                cpu_delta(&a[1], &b[1], tick).total(),
+            ),
         };
         let client_cpu_s = client_b - client_a;
         let point = run.sweep.points[0].clone();
@@ -255,18 +301,19 @@ fn sweep(args: &Args, name: &str, base: &str, tokenizer: &Path, cpu: &Cpu) -> Re
             point,
         };
         eprintln!(
-            "{name} c={c}: {:.0} req/s, {} errors, frontend {:.3} ms CPU/request",
+            "{name} ({mode}) c={c}: {:.0} req/s, {} errors, frontend {:.3} ms CPU/request",
             level.point.request_throughput, level.point.errors, level.frontend_cpu_ms_per_request
         );
         levels.push(level);
     }
     Ok(Stack {
         name: name.to_string(),
+        connections: mode.to_string(),
         levels,
     })
 }
 
-fn baton(args: &Args, tokenizer: &Path) -> Result<Stack> {
+fn baton(args: &Args, tokenizer: &Path) -> Result<Vec<Stack>> {
     let mut cmd = Command::new(&args.baton);
     cmd.args([
         "serve",
@@ -300,7 +347,7 @@ fn baton(args: &Args, tokenizer: &Path) -> Result<Stack> {
         bail!("baton serve ended before listening:\n{}", p.tail());
     };
     wait_ready(&mut p, &base, "smollm2", Duration::from_secs(60))?;
-    let stack = sweep(args, "baton", &base, tokenizer, &Cpu::Threads(p.pid()))?;
+    let stack = sweeps(args, "baton", &base, tokenizer, &Cpu::Threads(p.pid()))?;
     p.check_alive()?;
     Ok(stack)
 }
@@ -310,7 +357,7 @@ const ZMQ_PROXY: &str = "import sys, zmq\nctx = zmq.Context()\nxsub = ctx.socket
 xsub.bind('tcp://127.0.0.1:' + sys.argv[1])\nxpub = ctx.socket(zmq.XPUB)\n\
 xpub.bind('tcp://127.0.0.1:' + sys.argv[2])\nzmq.proxy(xsub, xpub)\n";
 
-fn dynamo(args: &Args, model_dir: &Path) -> Result<Stack> {
+fn dynamo(args: &Args, model_dir: &Path) -> Result<Vec<Stack>> {
     let python = args.dynamo_venv.join("bin/python");
     if !python.exists() {
         bail!(
@@ -380,7 +427,7 @@ fn dynamo(args: &Args, model_dir: &Path) -> Result<Stack> {
         frontend: frontend.pid(),
         engine: mocker.pid(),
     };
-    let stack = sweep(args, "dynamo", &base, model_dir, &cpu)?;
+    let stack = sweeps(args, "dynamo", &base, model_dir, &cpu)?;
     frontend.check_alive()?;
     Ok(stack)
 }
@@ -410,16 +457,17 @@ fn table(stacks: &[Stack], args: &Args) -> String {
         args.osl,
     );
     out.push_str(
-        "| stack | concurrency | requests | errors | req/s | TTFT p50 ms | ITL mean ms | \
+        "| stack | connections | concurrency | requests | errors | req/s | TTFT p50 ms | ITL mean ms | \
          frontend CPU ms/request | frontend CPU µs/token | engine CPU ms/request | client CPU \
-         ms/request |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+         ms/request |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in stacks {
         for l in &s.levels {
             let n = l.point.requests.max(1) as f64;
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {:.0} | {:.2} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} |\n",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.2} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} |\n",
                 s.name,
+                s.connections,
                 l.concurrency,
                 l.point.requests,
                 l.point.errors,
@@ -433,14 +481,22 @@ fn table(stacks: &[Stack], args: &Args) -> String {
             ));
         }
     }
-    if let [b, d] = stacks {
+    let (batons, dynamos): (Vec<&Stack>, Vec<&Stack>) =
+        stacks.iter().partition(|s| s.name == "baton");
+    if !dynamos.is_empty() {
         out.push_str(
-            "\n| concurrency | req/s Baton / Dynamo | frontend CPU per request Baton / Dynamo |\n\
-             |---|---|---|\n",
+            "\n| connections | concurrency | req/s Baton / Dynamo | frontend CPU per request \
+             Baton / Dynamo |\n|---|---|---|---|\n",
         );
+    }
+    for d in &dynamos {
+        let Some(b) = batons.iter().find(|b| b.connections == d.connections) else {
+            continue;
+        };
         for (lb, ld) in b.levels.iter().zip(&d.levels) {
             out.push_str(&format!(
-                "| {} | {:.2}× | {:.2}× |\n",
+                "| {} | {} | {:.2}× | {:.2}× |\n",
+                d.connections,
                 lb.concurrency,
                 lb.point.request_throughput / ld.point.request_throughput,
                 lb.frontend_cpu_ms_per_request / ld.frontend_cpu_ms_per_request,
@@ -471,9 +527,9 @@ fn main() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut stacks = vec![baton(&args, &model_dir)?];
+    let mut stacks = baton(&args, &model_dir)?;
     if !args.skip_dynamo {
-        stacks.push(dynamo(&args, &model_dir)?);
+        stacks.extend(dynamo(&args, &model_dir)?);
     }
     let md = table(&stacks, &args);
     print!("{md}");
@@ -487,7 +543,12 @@ fn main() -> Result<()> {
     let series = |f: fn(&Level) -> f64| -> Vec<(String, Vec<f64>)> {
         stacks
             .iter()
-            .map(|s| (s.name.clone(), s.levels.iter().map(f).collect()))
+            .map(|s| {
+                (
+                    format!("{} ({})", s.name, s.connections),
+                    s.levels.iter().map(f).collect(),
+                )
+            })
             .collect()
     };
     bars(
