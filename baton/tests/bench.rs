@@ -229,3 +229,46 @@ fn bad_flags_and_an_unreachable_server_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn a_simulated_trace_replay_needs_no_server_and_repeats_itself() {
+    let trace = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/traces/conversation_trace.jsonl"
+    );
+    let run = |name: &str| {
+        let dir = out_dir(name);
+        ok(&bench(&[
+            "--trace",
+            trace,
+            "--trace-requests",
+            "120",
+            "--simulate",
+            "--router",
+            "round-robin",
+            "--simulate-workers",
+            "4",
+            "--output",
+            dir.to_str().unwrap(),
+        ]));
+        let detail: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("trace-simulated.json")).unwrap(),
+        )
+        .unwrap();
+        detail["replay"].clone()
+    };
+    let a = run("sim-a");
+    assert_eq!(
+        (a["completed"].as_u64(), a["errors"].as_u64()),
+        (Some(120), Some(0)),
+        "{a}"
+    );
+    assert!(
+        a["hit_rate"].as_f64().unwrap() <= a["ideal_hit_rate"].as_f64().unwrap(),
+        "{a}"
+    );
+    assert_eq!(run("sim-b"), a);
+    let out = bench(&["--simulate", "--url", "http://127.0.0.1:9"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--trace"));
+}

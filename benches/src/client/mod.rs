@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod prompts;
 mod runner;
+mod simulate;
 pub mod sweep;
 
 use std::path::PathBuf;
@@ -155,6 +156,15 @@ pub struct ProfileArgs {
     /// Replay only the first N requests of the trace.
     #[arg(long)]
     pub trace_requests: Option<usize>,
+    /// Replay the trace against an embedded graph of simulated workers (the mock engine on
+    /// virtual clocks: the seed's 70B FP8, one H200 each) instead of `--url`.
+    #[arg(long, requires = "trace")]
+    pub simulate: bool,
+    #[arg(long, default_value_t = 8)]
+    pub simulate_workers: usize,
+    /// Routing policy of the simulated graph.
+    #[arg(long, default_value = "kv")]
+    pub router: String,
     /// A request that has not finished after this long fails.
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout_s: f64,
@@ -283,7 +293,12 @@ pub fn main(args: BenchArgs) -> Result<(), BenchError> {
             Ok(())
         }
         None => {
-            let run = profile_blocking(&args.profile)?;
+            let run = if args.profile.simulate {
+                args.profile.check()?;
+                simulate::simulate(&args.profile)?
+            } else {
+                profile_blocking(&args.profile)?
+            };
             print!("{}", run.table());
             println!("results: {}", run.dir.display());
             Ok(())

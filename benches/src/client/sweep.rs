@@ -10,27 +10,57 @@ use super::metrics::Summary;
 use super::BenchError;
 use crate::plot::{pareto, Curve};
 
+/// JSON has no NaN: serde_json writes it as `null`, read back here as NaN (a figure the run
+/// could not measure, e.g. a p99 of a simulation that keeps p90 only).
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// A figure for a table: `–` for one not measured.
+fn fig(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "–".into()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SweepPoint {
     /// `None` for an open-loop replay.
     pub concurrency: Option<usize>,
     pub requests: usize,
     pub errors: usize,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ttft_ms_mean: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ttft_ms_p50: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ttft_ms_p90: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ttft_ms_p99: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub itl_ms_mean: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub itl_ms_p50: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub itl_ms_p99: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub e2e_ms_mean: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub e2e_ms_p50: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub e2e_ms_p90: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub e2e_ms_p99: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub request_throughput: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub output_token_throughput: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub tok_s_gpu: f64,
     /// 1 / mean ITL.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub tok_s_user: f64,
     pub goodput: Option<f64>,
 }
@@ -116,22 +146,21 @@ impl SweepFile {
         );
         for p in &self.points {
             out.push_str(&format!(
-                "| {} | {} | {} | {:.1} / {:.1} / {:.1} | {:.2} / {:.2} | {:.0} / {:.0} | \
-                 {:.2} | {:.1} | {:.1} | {:.1} | {} |\n",
+                "| {} | {} | {} | {} / {} / {} | {} / {} | {} / {} | {} | {} | {} | {} | {} |\n",
                 p.concurrency.map_or("trace".to_string(), |c| c.to_string()),
                 p.requests,
                 p.errors,
-                p.ttft_ms_mean,
-                p.ttft_ms_p50,
-                p.ttft_ms_p99,
-                p.itl_ms_mean,
-                p.itl_ms_p99,
-                p.e2e_ms_mean,
-                p.e2e_ms_p99,
-                p.request_throughput,
-                p.output_token_throughput,
-                p.tok_s_gpu,
-                p.tok_s_user,
+                fig(p.ttft_ms_mean, 1),
+                fig(p.ttft_ms_p50, 1),
+                fig(p.ttft_ms_p99, 1),
+                fig(p.itl_ms_mean, 2),
+                fig(p.itl_ms_p99, 2),
+                fig(p.e2e_ms_mean, 0),
+                fig(p.e2e_ms_p99, 0),
+                fig(p.request_throughput, 2),
+                fig(p.output_token_throughput, 1),
+                fig(p.tok_s_gpu, 1),
+                fig(p.tok_s_user, 1),
                 p.goodput.map_or("–".to_string(), |g| format!("{g:.2}")),
             ));
         }
