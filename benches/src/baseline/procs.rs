@@ -93,6 +93,103 @@ pub fn stop_children_on_signal() {
         .ok();
 }
 
+/// CPU time counters at one instant: the whole machine's (`/proc/stat`, clock ticks summed
+/// over CPUs) and this process's plus its children's groups' (`/proc/PID/stat`).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSample {
+    busy: u64,
+    total: u64,
+    ours: u64,
+}
+
+impl CpuSample {
+    pub fn now() -> CpuSample {
+        let (busy, total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("cpu "))?.to_string();
+                let v: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal (guest is inside user).
+                let total: u64 = v.iter().take(8).sum();
+                let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+                Some((total - idle, total))
+            })
+            .unwrap_or((0, 0));
+        CpuSample {
+            busy,
+            total,
+            ours: ours_ticks(),
+        }
+    }
+
+    /// The share of the machine's CPU that work other than the report and its servers used
+    /// between `earlier` and `self` (0 when nothing else ran, 1 when it took every core).
+    pub fn others_since(&self, earlier: &CpuSample) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        let busy = self.busy.saturating_sub(earlier.busy);
+        let ours = self.ours.saturating_sub(earlier.ours);
+        (busy.saturating_sub(ours) as f64 / total as f64).clamp(0.0, 1.0)
+    }
+}
+
+/// (pgrp, utime + stime) of `/proc/PID/stat`; the command name may hold spaces and parentheses,
+/// so the fields are counted from its closing one.
+fn stat_fields(text: &str) -> Option<(i32, u64)> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((
+        f.get(2)?.parse().ok()?,
+        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    ))
+}
+
+/// CPU ticks of this process and of every process in a live child's group.
+fn ours_ticks() -> u64 {
+    let groups = LIVE.lock().map(|g| g.clone()).unwrap_or_default();
+    let me = std::process::id().to_string();
+    let mut sum = 0;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        if let Some((pgrp, ticks)) = stat_fields(&text) {
+            if name == me || groups.contains(&pgrp) {
+                sum += ticks;
+            }
+        }
+    }
+    sum
+}
+
+/// Waits until other work takes at most `max_share` of the machine's CPU over a `window`, or
+/// until `timeout`; returns the seconds waited and the last window's share.
+pub fn wait_until_quiet(max_share: f64, window: Duration, timeout: Duration) -> (f64, f64) {
+    let start = Instant::now();
+    loop {
+        let a = CpuSample::now();
+        std::thread::sleep(window);
+        let share = CpuSample::now().others_since(&a);
+        if share <= max_share || start.elapsed() >= timeout {
+            return (start.elapsed().as_secs_f64(), share);
+        }
+    }
+}
+
 /// A child process (and its group), stopped on drop.
 pub struct Proc {
     what: String,
@@ -470,6 +567,24 @@ mod tests {
             assert!(c.contains(want), "{want} missing from\n{c}");
         }
         assert_eq!(c.matches('{').count(), c.matches('}').count());
+    }
+
+    #[test]
+    fn stat_fields_are_counted_from_the_last_parenthesis() {
+        let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 700 300 0 0 20 0 1 0";
+        assert_eq!(stat_fields(line), Some((42, 1000)));
+        let a = CpuSample {
+            busy: 100,
+            total: 1000,
+            ours: 50,
+        };
+        let b = CpuSample {
+            busy: 400,
+            total: 2000,
+            ours: 250,
+        };
+        assert!((b.others_since(&a) - 0.1).abs() < 1e-12);
+        assert_eq!(a.others_since(&a), 0.0);
     }
 
     #[test]

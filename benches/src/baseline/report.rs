@@ -82,8 +82,10 @@ pub struct Measured {
     pub value: f64,
     pub point: SweepPoint,
     pub run_dir: PathBuf,
-    /// The 1-minute load average when the point ended (2 = both cores busy).
-    pub load: f64,
+    /// The share of the machine's CPU other work used while the point ran.
+    pub others_cpu: f64,
+    /// Seconds the point waited for other work to quieten before it started.
+    pub waited_s: f64,
 }
 
 /// The figure a point's row shows: prefill tok/s (ISL / median TTFT), decode tok/s of one
@@ -120,8 +122,9 @@ pub struct RoutingMeasured {
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
     pub run_dir: PathBuf,
-    /// The 1-minute load average when the run ended.
-    pub load: f64,
+    /// As [`Measured::others_cpu`] and [`Measured::waited_s`].
+    pub others_cpu: f64,
+    pub waited_s: f64,
 }
 
 impl RoutingMeasured {
@@ -404,12 +407,12 @@ impl Report {
 
     fn every_point(&self) -> String {
         let mut out = String::from(
-            "## Every measurement\n\n| engine | dtype | point | requests | errors | TTFT mean / p50 ms | ITL mean / p99 ms | E2E mean ms | output tok/s | figure | load |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "## Every measurement\n\n| engine | dtype | point | requests | errors | TTFT mean / p50 ms | ITL mean / p99 ms | E2E mean ms | output tok/s | figure | others' CPU |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for m in &self.points {
             let p = &m.point;
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {:.1} |\n",
+                "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {:.0} % |\n",
                 m.engine,
                 m.dtype,
                 m.key,
@@ -422,7 +425,7 @@ impl Report {
                 num(p.e2e_ms_mean),
                 num(p.output_token_throughput),
                 num(m.value),
-                m.load
+                m.others_cpu * 100.0
             ));
         }
         out.push('\n');
@@ -431,12 +434,12 @@ impl Report {
 
     fn routing_table(&self) -> String {
         let mut out = String::from(
-            "## The seed's baseline shape: two Baton workers behind nginx `least_conn`, against Baton's kv router\n\n| front | workload | requests | errors | TTFT mean / p50 / p99 ms | ITL mean / p99 ms | E2E mean ms | output tok/s | req/s | prompt tokens cached |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            "## The seed's baseline shape: two Baton workers behind nginx `least_conn`, against Baton's kv router\n\n| front | workload | requests | errors | TTFT mean / p50 / p99 ms | ITL mean / p99 ms | E2E mean ms | output tok/s | req/s | prompt tokens cached | others' CPU |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.routing {
             let p = &r.point;
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} / {} / {} | {} / {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} / {} / {} | {} / {} | {} | {} | {} | {} | {:.0} % |\n",
                 r.front,
                 r.title,
                 p.requests,
@@ -450,7 +453,8 @@ impl Report {
                 num(p.output_token_throughput),
                 num(p.request_throughput),
                 r.hit_rate()
-                    .map_or("–".into(), |h| format!("{:.0} %", h * 100.0))
+                    .map_or("–".into(), |h| format!("{:.0} %", h * 100.0)),
+                r.others_cpu * 100.0
             ));
         }
         out.push('\n');

@@ -84,6 +84,16 @@ struct Args {
     /// How long a vLLM start may take (it compiles with inductor first).
     #[arg(long, default_value_t = 900)]
     vllm_start_timeout_s: u64,
+    /// Before each point, wait until other work (builds of others sharing the machine) takes at
+    /// most this share of the CPU over 2 s; 1 never waits.
+    #[arg(long, default_value_t = 0.15)]
+    quiet_max_share: f64,
+    /// The longest one point waits for that.
+    #[arg(long, default_value_t = 180.0)]
+    quiet_wait_s: f64,
+    /// The most the whole run waits for it (not with --tiny).
+    #[arg(long, default_value_t = 600.0)]
+    quiet_budget_s: f64,
     /// Prompt seed; point i uses seed + 1000·i, the same for every server.
     #[arg(long, default_value_t = 100)]
     seed: u64,
@@ -132,6 +142,8 @@ struct Ctx {
     plan: Plan,
     hf_dir: PathBuf,
     started: Instant,
+    /// Seconds of `--quiet-budget-s` not yet spent waiting.
+    quiet_left: std::cell::Cell<f64>,
 }
 
 fn stamp(ctx: &Ctx) -> String {
@@ -139,13 +151,32 @@ fn stamp(ctx: &Ctx) -> String {
     format!("[{:02}:{:02}]", s / 60, s % 60)
 }
 
-/// The 1-minute load average.
-fn load1() -> f64 {
-    loadavg()
-        .split_whitespace()
-        .next()
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(f64::NAN)
+/// Waits (within what is left of `--quiet-budget-s`) for other work on the machine to leave
+/// the cores to the report; returns the seconds waited.
+fn wait_quiet(ctx: &Ctx) -> f64 {
+    let left = ctx.quiet_left.get();
+    if left <= 0.0 || ctx.args.quiet_max_share >= 1.0 {
+        return 0.0;
+    }
+    let (waited, share) = procs::wait_until_quiet(
+        ctx.args.quiet_max_share,
+        Duration::from_secs(2),
+        Duration::from_secs_f64(left.min(ctx.args.quiet_wait_s)),
+    );
+    ctx.quiet_left.set(left - waited);
+    if share > ctx.args.quiet_max_share {
+        eprintln!(
+            "{} other work still takes {:.0} % of the CPU after {waited:.0} s; going on",
+            stamp(ctx),
+            share * 100.0
+        );
+    } else if waited > 3.0 {
+        eprintln!(
+            "{} waited {waited:.0} s for other work to finish",
+            stamp(ctx)
+        );
+    }
+    waited
 }
 
 fn loadavg() -> String {
@@ -320,6 +351,8 @@ fn measure(
     server.proc.check_alive()?;
     let label = format!("{}-{}-{}", engine.name(), dtype.name(), spec.key);
     let dir = ctx.args.work.join("runs").join(&label);
+    let waited_s = wait_quiet(ctx);
+    let before = procs::CpuSample::now();
     let p = profile(
         ctx,
         &server.url,
@@ -331,6 +364,7 @@ fn measure(
         &dir,
         &label,
     )?;
+    let others_cpu = procs::CpuSample::now().others_since(&before);
     let value = headline(spec, &p);
     eprintln!(
         "{} {label}: {:.1} ({} ok, {} errors; TTFT p50 {:.0} ms, ITL {:.1} ms, {:.1} output tok/s)",
@@ -349,7 +383,8 @@ fn measure(
         value,
         point: p,
         run_dir: dir,
-        load: load1(),
+        others_cpu,
+        waited_s,
     });
     Ok(())
 }
@@ -494,6 +529,8 @@ fn routing_workloads(
         }
         let label = format!("routing-{key}-{}", w.key);
         let dir = ctx.args.work.join("runs").join(&label);
+        let waited_s = wait_quiet(ctx);
+        let before = procs::CpuSample::now();
         let p = routing_run(
             ctx,
             &server.url,
@@ -502,6 +539,7 @@ fn routing_workloads(
             &dir,
             &label,
         )?;
+        let others_cpu = procs::CpuSample::now().others_since(&before);
         let (prompt_tokens, cached_tokens) =
             cache_counts(&dir.join(format!("concurrency{}", w.concurrency)));
         eprintln!(
@@ -516,7 +554,8 @@ fn routing_workloads(
             prompt_tokens,
             cached_tokens,
             run_dir: dir,
-            load: load1(),
+            others_cpu,
+            waited_s,
         });
     }
     Ok(())
@@ -664,6 +703,12 @@ fn main() -> Result<()> {
             args.requests_scale
         );
     }
+    if !(0.0..=1.0).contains(&args.quiet_max_share) {
+        bail!(
+            "--quiet-max-share {}: a share between 0 and 1",
+            args.quiet_max_share
+        );
+    }
     procs::stop_children_on_signal();
     let plan = if args.tiny || args.tiny_sizes {
         Plan::tiny()
@@ -690,13 +735,16 @@ fn main() -> Result<()> {
         "vLLM is started without the LD_PRELOAD of libiomp5/tcmalloc its docs suggest (with one \
          OpenMP thread the OpenMP runtime has no fork/join to speed up; not measured)."
             .to_string(),
-        "`load` is the 1-minute load average as a point ended; the report's own server and \
-         client account for one to two of it, more means other work shared the cores."
+        "\"others' CPU\" is the share of the machine's CPU that processes other than the \
+         report and its servers used while a point ran (from /proc: the machine is shared); \
+         each point first waited, within a budget, until that share was at most \
+         `--quiet-max-share` over 2 s."
             .to_string(),
     ];
     if args.requests_scale != 1.0 {
         notes.push(format!("request counts scaled by {}", args.requests_scale));
     }
+    let quiet_budget = if args.tiny { 0.0 } else { args.quiet_budget_s };
     let mut report = Report {
         date: chrono::Local::now().format("%Y-%m-%d %H:%M").to_string(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -723,10 +771,17 @@ fn main() -> Result<()> {
         plan,
         hf_dir,
         started: Instant::now(),
+        quiet_left: std::cell::Cell::new(quiet_budget),
     };
     let result = run(&ctx, &mut report);
     report.wall_s = ctx.started.elapsed().as_secs_f64();
     report.loadavg_end = loadavg();
+    if quiet_budget > 0.0 {
+        report.notes.push(format!(
+            "waited {:.0} s in all for other work to leave the cores",
+            quiet_budget - ctx.quiet_left.get()
+        ));
+    }
     // A run that stopped early keeps what it measured, beside (not over) the last full report.
     let stem = match &result {
         Ok(()) => out.join("vllm-report"),
