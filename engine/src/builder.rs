@@ -232,38 +232,36 @@ fn engine_over(
     opts: &EngineOptions,
     memory: Option<Arc<dyn KvMemory>>,
 ) -> Result<(Engine, ModelCard)> {
-    {
-        let kind = model.kind();
-        let num_blocks = layout.num_blocks;
-        tracing::info!(
+    let kind = model.kind();
+    let num_blocks = layout.num_blocks;
+    tracing::info!(
+        num_blocks,
+        block_size = opts.block_size,
+        ?kind,
+        external = memory.is_some(),
+        "KV cache ready"
+    );
+    let cache = match memory {
+        Some(memory) => KvCache::in_memory(
+            &card.config,
             num_blocks,
-            block_size = opts.block_size,
-            ?kind,
-            external = memory.is_some(),
-            "KV cache ready"
-        );
-        let cache = match memory {
-            Some(memory) => KvCache::in_memory(
-                &card.config,
-                num_blocks,
-                opts.block_size,
-                kind,
-                model.device(),
-                memory,
-            )?,
-            None => KvCache::new(
-                &card.config,
-                num_blocks,
-                opts.block_size,
-                kind,
-                model.device(),
-            ),
-        };
-        let executor = ModelExecutor::with_cache(model, cache);
-        let config = engine_config(opts, &card);
-        let engine = Engine::new(Box::new(executor), config, opts.kv_events.clone());
-        Ok((engine, card))
-    }
+            opts.block_size,
+            kind,
+            model.device(),
+            memory,
+        )?,
+        None => KvCache::new(
+            &card.config,
+            num_blocks,
+            opts.block_size,
+            kind,
+            model.device(),
+        ),
+    };
+    let executor = ModelExecutor::with_cache(model, cache);
+    let config = engine_config(opts, &card);
+    let engine = Engine::new(Box::new(executor), config, opts.kv_events.clone());
+    Ok((engine, card))
 }
 
 /// The scheduler's settings of an engine built with `opts` for `card`.
