@@ -30,6 +30,20 @@ async fn next_within(q: &JetStreamWorkQueue, limit: Duration) -> Option<Job> {
         .map(|r| r.expect("next").expect("queue open"))
 }
 
+/// The consumer's pending count once it reaches `want`, or its value after 2 s: nats-server
+/// updates `num_pending` a moment after a publish or delivery, so one read right after either
+/// can see the old count.
+async fn pending_settles(q: &JetStreamWorkQueue, want: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let now = q.pending().await.expect("pending");
+        if now == want || tokio::time::Instant::now() >= deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_work_queue_contract_holds_over_jetstream() {
     let nats = NatsServer::start().expect("nats-server");
@@ -46,7 +60,7 @@ async fn a_job_is_handed_out_acked_and_gone() {
         "dynamo.prefill.neuralmagic_2fDeepSeek-R1-Distill-Llama-70B-FP8-dynamic"
     );
     q.enqueue(b"prefill 1".to_vec()).await.expect("enqueue");
-    assert_eq!(q.pending().await.expect("pending"), 1);
+    assert_eq!(pending_settles(&q, 1).await, 1);
 
     let job = next_within(&q, Duration::from_secs(5))
         .await
@@ -55,11 +69,7 @@ async fn a_job_is_handed_out_acked_and_gone() {
         (job.payload.as_slice(), job.delivery),
         (&b"prefill 1"[..], 1)
     );
-    assert_eq!(
-        q.pending().await.expect("pending"),
-        0,
-        "in flight is not pending"
-    );
+    assert_eq!(pending_settles(&q, 0).await, 0, "in flight is not pending");
     job.ack().await.expect("ack");
 
     // Acked: not redelivered after ack_wait, and the work-queue stream dropped it.
@@ -108,7 +118,7 @@ async fn workers_share_the_queue_and_each_job_goes_to_one() {
         }
     }
     assert_eq!(seen.len(), JOBS);
-    assert_eq!(producer.pending().await.expect("pending"), 0);
+    assert_eq!(pending_settles(&producer, 0).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,26 +130,22 @@ async fn pending_counts_waiting_jobs_per_model() {
         q.enqueue(vec![i]).await.expect("enqueue");
     }
     other.enqueue(b"x".to_vec()).await.expect("enqueue");
-    assert_eq!(q.pending().await.expect("pending"), 3);
-    assert_eq!(other.pending().await.expect("pending"), 1);
+    assert_eq!(pending_settles(&q, 3).await, 3);
+    assert_eq!(pending_settles(&other, 1).await, 1);
 
     let held = next_within(&q, Duration::from_secs(5))
         .await
         .expect("a job");
     assert_eq!(held.payload, vec![0]);
-    assert_eq!(q.pending().await.expect("pending"), 2);
+    assert_eq!(pending_settles(&q, 2).await, 2);
     held.ack().await.expect("ack");
     let job = next_within(&other, Duration::from_secs(5))
         .await
         .expect("a job");
     assert_eq!(job.payload, b"x");
     job.ack().await.expect("ack");
-    assert_eq!(other.pending().await.expect("pending"), 0);
-    assert_eq!(
-        q.pending().await.expect("pending"),
-        2,
-        "models do not share jobs"
-    );
+    assert_eq!(pending_settles(&other, 0).await, 0);
+    assert_eq!(pending_settles(&q, 2).await, 2, "models do not share jobs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
