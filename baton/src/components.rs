@@ -236,12 +236,8 @@ pub async fn load_model(settings: &Resolved) -> Result<SharedModel> {
     spinner.set_message(format!("loading {model}"));
     spinner.enable_steady_tick(Duration::from_millis(100));
     let loaded = tokio::task::spawn_blocking(move || {
-        // Not on the blocking pool's thread, which outlives the load (builder's
-        // `on_passing_thread` says why that slows the engine).
-        engine::on_passing_thread(|| {
-            let loaded = loader::load(&model).with_context(|| format!("loading `{model}`"))?;
-            SharedModel::new(loaded, kind, device).map_err(anyhow::Error::from)
-        })
+        let loaded = loader::load(&model).with_context(|| format!("loading `{model}`"))?;
+        SharedModel::new(loaded, kind, device).map_err(anyhow::Error::from)
     })
     .await
     .context("the model loading task failed")?;

@@ -156,7 +156,7 @@ impl EngineOptions {
 /// the caller's thread (the server's main thread) left such a team behind and made served
 /// decode ~1.8× slower than the engine alone (72.6 against 39.8 ms/token, batch 1); work done
 /// here leaves none.
-pub fn on_passing_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+fn on_passing_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| match s.spawn(f).join() {
         Ok(value) => value,
         Err(panic) => std::panic::resume_unwind(panic),
@@ -220,20 +220,20 @@ impl SharedModel {
         let layout = self.kv_layout(opts)?;
         let card = self.card(opts);
         let model = self.model.share();
-        on_passing_thread(move || engine_over(model, layout, card, opts, memory))
+        let num_blocks = layout.num_blocks;
+        on_passing_thread(move || engine_over(model, num_blocks, card, opts, memory))
     }
 }
 
-/// An engine over `model` with a new KV cache of `layout` (in `memory` when given).
+/// An engine over `model` with a new KV cache of `num_blocks` (in `memory` when given).
 fn engine_over(
     model: Llama,
-    layout: KvLayout,
+    num_blocks: usize,
     card: ModelCard,
     opts: &EngineOptions,
     memory: Option<Arc<dyn KvMemory>>,
 ) -> Result<(Engine, ModelCard)> {
     let kind = model.kind();
-    let num_blocks = layout.num_blocks;
     tracing::info!(
         num_blocks,
         block_size = opts.block_size,

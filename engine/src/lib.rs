@@ -24,8 +24,8 @@ pub mod sequence;
 pub mod weights;
 
 pub use builder::{
-    auto_kind, build_engine, mock_engine, on_passing_thread, parse_device, parse_kind,
-    resolve_kind, EngineOptions, SharedModel,
+    auto_kind, build_engine, mock_engine, parse_device, parse_kind, resolve_kind, EngineOptions,
+    SharedModel,
 };
 pub use card::ModelCard;
 pub use config::{LlamaConfig, RopeScaling};
