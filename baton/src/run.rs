@@ -49,10 +49,13 @@ pub fn run(args: RunArgs) -> Result<()> {
                     components::decode_worker(&planes, &settings, &model, 0).await?
                 };
                 serve::shutdown_signal().await;
+                // Operators (and the soak test) read leaks from this line: a quiet worker
+                // holds no block for a request.
+                let in_use = worker.host().load().kv_blocks_used;
                 // Withdraw from discovery first, so no new request is routed here while the
                 // rest fail.
                 worker.stop();
-                eprintln!("baton: decode worker stopped");
+                eprintln!("baton: decode worker stopped with {in_use} KV blocks in use");
             }
             Component::PrefillWorker => {
                 let worker = if settings.mock.is_some() {
@@ -63,8 +66,9 @@ pub fn run(args: RunArgs) -> Result<()> {
                     components::prefill_worker(&planes, &settings, &model, 0).await?
                 };
                 serve::shutdown_signal().await;
+                let in_use = worker.kv_blocks_used();
                 worker.stop();
-                eprintln!("baton: prefill worker stopped");
+                eprintln!("baton: prefill worker stopped with {in_use} KV blocks in use");
             }
         }
         Ok(())

@@ -12,4 +12,5 @@ pub mod plot;
 pub mod procstat;
 pub mod seed;
 pub mod sim;
+pub mod soak;
 pub mod trace;

@@ -15,7 +15,6 @@ use futures::stream::{self, BoxStream, StreamExt};
 use processor::{ChoiceOutput, OutputStep};
 use router::{RoutedStream, Router, RouterError};
 use runtime::protocol::{GenerateRequest, GenerateResponse, SamplingParams};
-use runtime::request_plane::RequestPlaneError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::error::ApiError;
@@ -159,9 +158,10 @@ fn routing_error(e: RouterError) -> ApiError {
         RouterError::NoCapacity(_) => {
             ApiError::unavailable("every worker is at capacity; retry later")
         }
-        RouterError::RequestPlane(RequestPlaneError::NoSuchAddress(_)) => {
-            ApiError::unavailable("the chosen worker went away; retry")
-        }
+        RouterError::Vanished { .. } => ApiError::unavailable("the chosen worker went away; retry"),
+        // Its worker died and the migration limit was spent: nothing wrong with the request,
+        // and before the first token nothing was sent, so the client may simply retry.
+        e @ RouterError::Lost(_) => ApiError::unavailable(format!("{e}; retry")),
         other => ApiError::internal(other.to_string()),
     }
 }

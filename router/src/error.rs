@@ -36,6 +36,10 @@ pub enum RouterError {
     Lost(String),
     #[error("malformed worker response: {0}")]
     Malformed(String),
+    /// The chosen worker's address had no server (it died, or has not re-subscribed yet);
+    /// the stream retries elsewhere, avoiding it.
+    #[error("worker {instance_id:x} is not serving its address `{address}`")]
+    Vanished { instance_id: u64, address: String },
     #[error(transparent)]
     RequestPlane(RequestPlaneError),
     #[error(transparent)]

@@ -9,7 +9,7 @@ use runtime::block_hash::block_hashes;
 use runtime::discovery::{DiscoveryEvent, EndpointId, Instance};
 use runtime::kv_event::WorkerKvEvent;
 use runtime::protocol::{GenerateRequest, WorkerLoad};
-use runtime::request_plane::{RequestPlane, ResponseStream};
+use runtime::request_plane::{RequestPlane, RequestPlaneError, ResponseStream};
 use runtime::Planes;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -448,7 +448,13 @@ impl Shared {
             }),
             Err(e) => {
                 self.policy.on_finish(&request.request_id, worker);
-                Err(RouterError::RequestPlane(e))
+                Err(match e {
+                    RequestPlaneError::NoSuchAddress(address) => RouterError::Vanished {
+                        instance_id: worker,
+                        address,
+                    },
+                    e => RouterError::RequestPlane(e),
+                })
             }
         }
     }

@@ -92,12 +92,15 @@ impl RoutedStream {
                     self.dispatch = Some(d);
                     return Ok(());
                 }
-                Err(RouterError::RequestPlane(RequestPlaneError::NoSuchAddress(a)))
-                    if self.retries_left > 0 =>
-                {
-                    tracing::warn!(request = %self.request.request_id, address = %a, "worker address vanished; routing elsewhere");
+                Err(RouterError::Vanished {
+                    instance_id,
+                    address,
+                }) if self.retries_left > 0 => {
+                    tracing::warn!(request = %self.request.request_id, %address, "worker address vanished; routing elsewhere");
                     self.retries_left -= 1;
-                    self.next_attempt(None);
+                    // Until its lease ends the dead worker is still a candidate, and the
+                    // policy may well like it best (it reports no load): avoid it.
+                    self.next_attempt(Some(instance_id));
                 }
                 Err(e) => return Err(e),
             }

@@ -211,6 +211,15 @@ impl LocalProcess {
         }
     }
 
+    /// Starts it again after [`stop`](Self::stop), on the same port with the same data, so an
+    /// outage can last as long as a test wants; a no-op while it runs.
+    pub fn start(&mut self) -> std::io::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.spawn()
+    }
+
     /// Stops the server if running and starts it again on the same port with the same data.
     pub fn restart(&mut self) -> std::io::Result<()> {
         self.stop();

@@ -263,6 +263,11 @@ impl Proc {
         &self.log
     }
 
+    /// Sends `signal` to the child's group (SIGKILL or SIGSTOP for the soak's faults).
+    pub fn signal(&self, signal: i32) {
+        signal_group(self.child.id() as i32, signal);
+    }
+
     /// An error if the child has exited.
     pub fn check_alive(&mut self) -> Result<(), ServeError> {
         match self.child.try_wait() {
@@ -435,6 +440,19 @@ pub fn baton_serve(
     }
     cmd.envs(env.iter().copied());
     let mut proc = Proc::spawn(what, cmd, log, Duration::from_secs(5), true)?;
+    let url = listening_url(&mut proc, timeout)?;
+    let port = port_of(&url).ok_or_else(|| ServeError::Exited {
+        what: what.to_string(),
+        status: format!("unexpected listening line `{url}`"),
+        tail: proc.tail(),
+    })?;
+    wait_ready(&mut proc, port, timeout)?;
+    Ok(Server { proc, url })
+}
+
+/// The URL a Baton child (spawned with its stdout piped) prints in its `baton: listening on`
+/// line; its stdout is read to the end on a thread so it never blocks on a full pipe.
+pub fn listening_url(proc: &mut Proc, timeout: Duration) -> Result<String, ServeError> {
     let stdout = proc.child.stdout.take().expect("stdout is piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -457,7 +475,7 @@ pub fn baton_serve(
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 proc.check_alive()?;
                 return Err(ServeError::Exited {
-                    what: what.to_string(),
+                    what: proc.what.clone(),
                     status: "stdout closed without the listening line".into(),
                     tail: proc.tail(),
                 });
@@ -466,7 +484,7 @@ pub fn baton_serve(
                 proc.check_alive()?;
                 if Instant::now() > deadline {
                     return Err(ServeError::NotReady {
-                        what: what.to_string(),
+                        what: proc.what.clone(),
                         secs: timeout.as_secs(),
                         tail: proc.tail(),
                     });
@@ -474,13 +492,7 @@ pub fn baton_serve(
             }
         }
     };
-    let port = port_of(&url).ok_or_else(|| ServeError::Exited {
-        what: what.to_string(),
-        status: format!("unexpected listening line `{url}`"),
-        tail: proc.tail(),
-    })?;
-    wait_ready(&mut proc, port, timeout)?;
-    Ok(Server { proc, url })
+    Ok(url)
 }
 
 /// `vllm serve HF_DIR --dtype DTYPE` on a free loopback port, with `VLLM_CPU_KVCACHE_SPACE`
