@@ -335,6 +335,18 @@ impl Graph {
         })
     }
 
+    /// The TCP addresses each live Baton process listens on.
+    pub fn listening(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out = BTreeMap::new();
+        out.insert("frontend".to_string(), listening(self.frontend.pid()));
+        for w in self.decode.iter().chain(self.prefill.iter()) {
+            if w.state == State::Alive {
+                out.insert(w.name.clone(), listening(w.proc.pid()));
+            }
+        }
+        out
+    }
+
     /// Prefills the live decode workers sent to prefill workers, by the frontend's metrics.
     pub fn remote_prefills(&self, rt: &Runtime) -> f64 {
         rt.block_on(async {
@@ -389,6 +401,44 @@ fn wait_for_log(proc: &mut Proc, needle: &str) -> Result<(), GraphError> {
     })
 }
 
+/// The TCP addresses `pid` listens on, from its socket inodes and /proc/net/tcp{,6}.
+pub fn listening(pid: u32) -> Vec<String> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let inodes: Vec<String> = fds
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().to_string();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state 0A = LISTEN, inode is the tenth field.
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                out.push(hex_socket(f[1]));
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:1F90` → `127.0.0.1:8080` (IPv4 in host order); IPv6 as its 32 hex digits.
+fn hex_socket(s: &str) -> String {
+    let Some((ip, port)) = s.split_once(':') else {
+        return s.to_string();
+    };
+    let port = u16::from_str_radix(port, 16).unwrap_or(0);
+    match u32::from_str_radix(ip, 16) {
+        Ok(v) if ip.len() == 8 => format!("{}:{port}", std::net::Ipv4Addr::from(v.swap_bytes())),
+        _ => format!("[{ip}]:{port}"),
+    }
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -439,6 +489,20 @@ mod tests {
         assert_eq!(g.len(), 2);
         assert_eq!(g["1a"], 3);
         assert_eq!(g["2b"], 0);
+    }
+
+    #[test]
+    fn proc_net_addresses_read_as_ip_and_port() {
+        assert_eq!(hex_socket("0100007F:1F90"), "127.0.0.1:8080");
+        assert_eq!(hex_socket("00000000:0050"), "0.0.0.0:80");
+        assert!(hex_socket("00000000000000000000000001000000:0050").starts_with('['));
+    }
+
+    #[test]
+    fn this_test_process_listens_where_it_bound() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let want = l.local_addr().unwrap().to_string();
+        assert!(listening(std::process::id()).contains(&want));
     }
 
     #[test]

@@ -172,6 +172,7 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, GraphError> {
         std::thread::sleep(sample_every.min(Duration::from_millis(250)));
     }
     let rss_end = graph.rss();
+    let listening = graph.listening();
     let rss_warm = rss_warm.unwrap_or_else(|| rss_end.clone());
     let load_s = t0.elapsed().as_secs_f64();
     let decode_blocks = graph.settle_decode_blocks(&rt, Duration::from_secs(20));
@@ -190,6 +191,7 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, GraphError> {
             decode_blocks,
             stop_blocks,
             remote_prefills,
+            listening,
         },
     ))
 }

@@ -20,6 +20,7 @@ pub(super) struct Processes {
     /// What each worker said it held when it stopped.
     pub stop_blocks: BTreeMap<String, Option<usize>>,
     pub remote_prefills: f64,
+    pub listening: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -78,6 +79,8 @@ pub struct SoakReport {
     pub processes: Vec<ProcessReport>,
     /// The frontend's view of each decode worker's KV blocks in use after the load.
     pub decode_blocks_after: BTreeMap<String, u64>,
+    /// The TCP addresses each Baton process listened on at the end.
+    pub listening: BTreeMap<String, Vec<String>>,
     /// Failed requests by how they ended and what they were told (digits elided).
     pub failure_kinds: BTreeMap<String, usize>,
     /// Up to 50 failed requests, for the reader.
@@ -171,6 +174,7 @@ impl SoakReport {
             faults,
             processes,
             decode_blocks_after: p.decode_blocks,
+            listening: p.listening,
             failure_kinds,
             failures,
             logs,
