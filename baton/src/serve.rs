@@ -40,7 +40,7 @@ pub struct ServeArgs {
     /// The name clients send as `model` [default: `Frontend.served_model_name`, else the model].
     #[arg(long, env = "BATON_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
-    /// Require `Authorization: Bearer <key>` on /v1 routes.
+    /// Require `Authorization: Bearer <key>` on every route but /health and /live.
     #[arg(long, env = "BATON_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     #[arg(long, env = "BATON_MAX_BODY_BYTES", default_value_t = 8 << 20)]

@@ -123,16 +123,27 @@ impl ApiError {
     }
 }
 
+/// What a 503 tells the client to wait before retrying, in seconds: every cause (admission
+/// full, no worker, workers at capacity, a worker gone) clears on the scale of a request, and a
+/// client that retries at once only adds load.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
 impl axum::response::IntoResponse for ApiError {
     fn into_response(self) -> axum::response::Response {
-        let status = axum::http::StatusCode::from_u16(self.status)
-            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-        (
+        use axum::http::{header, HeaderValue, StatusCode};
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (
             status,
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            [(header::CONTENT_TYPE, "application/json")],
             self.to_json(),
         )
-            .into_response()
+            .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
     }
 }
 
@@ -150,5 +161,21 @@ mod tests {
         assert_eq!(v["error"]["param"], "top_p");
         assert!(v["error"]["code"].is_null());
         assert_eq!(ApiError::model_not_found("x").status, 404);
+    }
+
+    #[test]
+    fn only_503_carries_retry_after() {
+        use axum::response::IntoResponse;
+        let busy = ApiError::unavailable("full").into_response();
+        assert_eq!(busy.status(), 503);
+        assert_eq!(busy.headers()[axum::http::header::RETRY_AFTER], "1");
+        for e in [
+            ApiError::bad_request("x"),
+            ApiError::unauthorized(),
+            ApiError::internal("x"),
+        ] {
+            let r = e.into_response();
+            assert!(!r.headers().contains_key(axum::http::header::RETRY_AFTER));
+        }
     }
 }

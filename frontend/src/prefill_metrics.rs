@@ -26,9 +26,12 @@ struct BackendLabels {
     backend: String,
 }
 
+/// A histogram's sum, count and `(upper bound, count)` buckets.
+type HistogramState = (f64, u64, Vec<(f64, u64)>);
+
 /// A histogram whose buckets are set from reports rather than observed here.
 #[derive(Debug, Clone, Default)]
-struct ReportedHistogram(Arc<Mutex<(f64, u64, Vec<(f64, u64)>)>>);
+struct ReportedHistogram(Arc<Mutex<HistogramState>>);
 
 impl EncodeMetric for ReportedHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct FrontendConfig {
     pub addr: SocketAddr,
-    /// When set, `/v1/*` needs `Authorization: Bearer <key>`.
+    /// When set, every route but `/health` and `/live` needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     /// Requests admitted at once; beyond it a request gets 503 at once instead of queueing

@@ -5,6 +5,12 @@ use serde::Deserialize;
 
 use crate::ApiError;
 
+/// Most stop strings one request may give. OpenAI allows 4 and vLLM any number; Baton is
+/// lenient but bounded.
+pub const MAX_STOP_STRINGS: usize = 64;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 1024;
+
 /// Fields both endpoints share: sampling, lengths, stop conditions, streaming.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CommonParams {
@@ -101,16 +107,42 @@ impl CommonParams {
     }
 
     /// The stop strings in force: none under `ignore_eos`, which asks for exactly
-    /// `max_tokens` tokens (what benchmarks rely on).
-    pub fn stop_strings(&self) -> Vec<String> {
-        if self.ignore_eos() {
-            return Vec::new();
-        }
-        match &self.stop {
+    /// `max_tokens` tokens (what benchmarks rely on). Over [`MAX_STOP_STRINGS`] strings, or one
+    /// over [`MAX_STOP_BYTES`], is a 400 even then: every string is matched against every
+    /// step's text, and the longest sets how much text is held back.
+    pub fn stop_strings(&self) -> Result<Vec<String>, ApiError> {
+        let stop = match &self.stop {
             None => Vec::new(),
             Some(StopStrings::One(s)) => vec![s.clone()],
             Some(StopStrings::Many(v)) => v.clone(),
+        };
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::bad_param(
+                "stop",
+                format!(
+                    "has {} strings; at most {MAX_STOP_STRINGS} are allowed",
+                    stop.len()
+                ),
+            ));
         }
+        if let Some((i, s)) = stop
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+        {
+            let param = match self.stop {
+                Some(StopStrings::Many(_)) => format!("stop[{i}]"),
+                _ => "stop".to_string(),
+            };
+            return Err(ApiError::bad_param(
+                &param,
+                format!(
+                    "is {} bytes long; at most {MAX_STOP_BYTES} are allowed",
+                    s.len()
+                ),
+            ));
+        }
+        Ok(if self.ignore_eos() { Vec::new() } else { stop })
     }
 }
 
@@ -269,15 +301,49 @@ mod tests {
         assert_eq!(r.common.max_tokens(), Some(9), "max_completion_tokens wins");
         assert!(r.common.ignore_eos(), "nvext.ignore_eos counts");
         assert!(
-            r.common.stop_strings().is_empty(),
+            r.common.stop_strings().unwrap().is_empty(),
             "ignore_eos clears stop strings"
         );
         assert!(r.common.stream && r.common.include_usage());
         let plain: CompletionRequest =
             parse(br#"{"model":"m","prompt":"x","max_tokens":5,"stop":"END"}"#).unwrap();
-        assert_eq!(plain.common.stop_strings(), vec!["END".to_string()]);
+        assert_eq!(
+            plain.common.stop_strings().unwrap(),
+            vec!["END".to_string()]
+        );
         assert_eq!(plain.common.max_tokens(), Some(5));
         assert!(!plain.common.ignore_eos() && !plain.common.include_usage());
+    }
+
+    #[test]
+    fn stop_strings_are_bounded_even_under_ignore_eos() {
+        let stop = |v: serde_json::Value, ignore_eos: bool| {
+            let body = serde_json::json!({"model": "m", "prompt": "x", "stop": v,
+                                          "ignore_eos": ignore_eos});
+            parse::<CompletionRequest>(body.to_string().as_bytes())
+                .unwrap()
+                .common
+                .stop_strings()
+        };
+        let at_limit: Vec<String> = (0..MAX_STOP_STRINGS).map(|i| i.to_string()).collect();
+        assert_eq!(stop(at_limit.clone().into(), false).unwrap(), at_limit);
+        let long = "x".repeat(MAX_STOP_BYTES);
+        assert_eq!(
+            stop(long.clone().into(), false).unwrap(),
+            vec![long.clone()]
+        );
+        let over_count: Vec<String> = (0..=MAX_STOP_STRINGS).map(|i| i.to_string()).collect();
+        let over_len = format!("{long}y");
+        for (v, param) in [
+            (serde_json::json!(over_count), "stop"),
+            (serde_json::json!(over_len), "stop"),
+            (serde_json::json!(["a", over_len]), "stop[1]"),
+        ] {
+            for ignore_eos in [false, true] {
+                let e = stop(v.clone(), ignore_eos).unwrap_err();
+                assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{e}");
+            }
+        }
     }
 
     #[test]

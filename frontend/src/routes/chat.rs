@@ -71,6 +71,7 @@ async fn run(
         .common
         .sampling_params(max_tokens, logprobs, "top_logprobs")?;
     let n = choices(&req.common)?;
+    let stop = req.common.stop_strings()?;
 
     let id = request_id("chatcmpl");
     let prompt = Arc::new(prompt);
@@ -81,7 +82,7 @@ async fn run(
             sampling: for_choice(&sampling, i),
         })
         .collect();
-    let events = generation::start(&state, &id, plans, &req.common.stop_strings());
+    let events = generation::start(&state, &id, plans, &stop);
     let mut timer = Timer::new(started);
     let created = unix_now();
 

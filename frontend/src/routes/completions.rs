@@ -109,6 +109,7 @@ async fn run(
     }
     let logprobs = req.logprobs.map(|k| k as usize);
     let n = choices(&req.common)?;
+    let stop = req.common.stop_strings()?;
     let inputs = prompts(&state.model, &req.prompt)?;
     let mut plans = Vec::new();
     for (p, input) in inputs.iter().enumerate() {
@@ -138,7 +139,7 @@ async fn run(
         .collect();
 
     let id = request_id("cmpl");
-    let events = generation::start(&state, &id, plans, &req.common.stop_strings());
+    let events = generation::start(&state, &id, plans, &stop);
     let mut timer = Timer::new(started);
     let created = unix_now();
 

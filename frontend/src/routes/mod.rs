@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use processor::PromptError;
 use runtime::protocol::SamplingParams;
+use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 use crate::protocol::CommonParams;
@@ -25,8 +26,12 @@ use crate::state::AppState;
 /// Most choices one request may ask for (`n`); vLLM has no limit, but each is a full sequence.
 const MAX_CHOICES: u32 = 128;
 
+/// The routes an orchestrator probes without credentials; every other route, the 404 fallback
+/// included, needs the API key when one is set.
+const OPEN_PATHS: [&str; 2] = ["/health", "/live"];
+
 pub fn app(state: Arc<AppState>) -> axum::Router {
-    let api = axum::Router::new()
+    axum::Router::new()
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
         .route("/v1/models", get(status::models))
@@ -34,29 +39,37 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
             "/admin/disagg",
             get(admin::get_disagg).post(admin::set_disagg),
         )
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    axum::Router::new()
-        .merge(api)
         .route("/health", get(status::health))
         .route("/live", get(status::live))
         .route("/metrics", get(status::metrics))
         .fallback(|| async { ApiError::not_found("no such route").into_response() })
+        // A layer over the whole router, not `route_layer`: that one skips the fallback, which
+        // would tell a caller without the key which paths exist.
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }
 
 async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let Some(key) = &state.config.api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
-            return ApiError::unauthorized().into_response();
+        if !OPEN_PATHS.contains(&request.uri().path()) {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|given| key_matches(given, key)) {
+                return ApiError::unauthorized().into_response();
+            }
         }
     }
     next.run(request).await
+}
+
+/// Compares in constant time, so the time to refuse a guess does not tell how many of its
+/// leading bytes were right (only whether its length was).
+fn key_matches(given: &str, key: &str) -> bool {
+    given.as_bytes().ct_eq(key.as_bytes()).into()
 }
 
 /// The body, or 413 (over `--max-body-bytes`) / 400 in OpenAI's error shape.
@@ -148,4 +161,17 @@ fn for_choice(params: &SamplingParams, i: u32) -> SamplingParams {
 
 fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_must_match_whole() {
+        assert!(key_matches("secret", "secret"));
+        for wrong in ["", "s", "secre", "secret ", "secreT", "Secret", "secrets"] {
+            assert!(!key_matches(wrong, "secret"), "{wrong:?}");
+        }
+    }
 }
