@@ -34,6 +34,13 @@ struct Args {
     max_inflight: Option<usize>,
     #[arg(long, default_value_t = 1)]
     migration_limit: u32,
+    /// Every component's --stream-timeout: long enough that a first token late under a full
+    /// queue (hundreds of prompts at once on a simulated 70B) is not taken for a dead worker.
+    #[arg(long, default_value_t = 60)]
+    stream_timeout: u64,
+    /// Every component's --lease-ttl (Baton's default).
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: u64,
     /// Runs: `plain` (no faults), `faults` (the mix, spread over the run), or both.
     #[arg(long, default_value = "plain,faults", value_delimiter = ',')]
     runs: Vec<String>,
@@ -76,6 +83,8 @@ fn main() -> Result<()> {
         );
         c.max_inflight = args.max_inflight.unwrap_or(args.streams * 7 / 8).max(1);
         c.migration_limit = args.migration_limit;
+        c.stream_timeout = args.stream_timeout;
+        c.lease_ttl = args.lease_ttl;
         c.request_timeout = Duration::from_secs(300);
         match run.as_str() {
             "plain" => {}
