@@ -1,6 +1,7 @@
 //! Load-based routing over in-process planes with workers that hold their requests open:
 //! least-loaded never picks a worker busier than another, power-of-two picks the lighter of
-//! its two, the load book gives every request's charge back however it ends, and
+//! its two, the load book gives every request's charge back however it ends, a vanished worker
+//! (registered, its address unserved) is avoided on retry, and
 //! `min-workers` holds requests until enough workers registered (or answers with a clear error).
 
 mod common;
@@ -247,4 +248,32 @@ async fn paced_traffic_on_a_shared_prefix_spreads_only_with_the_recent_load_term
     let spread = paced_shared_prefix(0.1, 32).await;
     eprintln!("paced shared prefix, 32 requests: weight 0 {plain:?}, weight 0.1 {spread:?}");
     assert!(spread.iter().all(|&n| n >= 8), "{spread:?}");
+}
+
+/// A registered worker whose address nobody serves (killed; its lease not yet ended) looks the
+/// least loaded of all, so least-loaded picks it first every time: each request must still be
+/// served by the live worker — the stream avoids the vanished one on its retry instead of
+/// picking it again.
+#[tokio::test]
+async fn a_vanished_worker_is_avoided_on_retry_until_its_lease_ends() {
+    let planes = planes();
+    let router = router(&planes, "least-loaded", RouterOptions::default()).await;
+    let live = holding_worker(&planes, "t", "live").await;
+    let _ghost = planes
+        .discovery
+        .register(runtime::discovery::InstanceSpec {
+            endpoint: endpoint("t"),
+            address: "ghost".into(),
+            model: None,
+            metadata: serde_json::Value::Null,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let s = open(&router, &format!("r{i}")).await;
+        assert_eq!(s.instance_id(), Some(live.instance.instance_id));
+        held.push(s);
+    }
 }
