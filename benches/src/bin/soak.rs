@@ -29,9 +29,13 @@ struct Args {
     /// Length of each run.
     #[arg(long, default_value_t = 10.0)]
     minutes: f64,
-    /// The frontend's --max-inflight [default: 7/8 of --streams, so some requests get 503s].
+    /// The frontend's --max-inflight in the `overload` run [default: 3/4 of --streams]; the
+    /// other runs admit every stream.
     #[arg(long)]
     max_inflight: Option<usize>,
+    /// Length of the `overload` run.
+    #[arg(long, default_value_t = 3.0)]
+    overload_minutes: f64,
     #[arg(long, default_value_t = 1)]
     migration_limit: u32,
     /// Every component's --stream-timeout: long enough that a first token late under a full
@@ -41,8 +45,9 @@ struct Args {
     /// Every component's --lease-ttl (Baton's default).
     #[arg(long, default_value_t = 10)]
     lease_ttl: u64,
-    /// Runs: `plain` (no faults), `faults` (the mix, spread over the run), or both.
-    #[arg(long, default_value = "plain,faults", value_delimiter = ',')]
+    /// Runs: `plain` (no faults, every stream admitted), `overload` (past --max-inflight:
+    /// 503s with Retry-After, which the clients honour), `faults` (the mix, spread over the run).
+    #[arg(long, default_value = "plain,overload,faults", value_delimiter = ',')]
     runs: Vec<String>,
     /// The fault mix, in order, evenly spread over the run.
     #[arg(
@@ -67,27 +72,39 @@ fn main() -> Result<()> {
         .iter()
         .map(|f| Fault::parse(f).map_err(anyhow::Error::msg))
         .collect::<Result<_>>()?;
-    if args.minutes.is_nan() || args.minutes <= 0.0 {
-        bail!("`--minutes` must be positive, not {}", args.minutes);
+    for (flag, v) in [
+        ("--minutes", args.minutes),
+        ("--overload-minutes", args.overload_minutes),
+    ] {
+        if v.is_nan() || v <= 0.0 {
+            bail!("`{flag}` must be positive, not {v}");
+        }
     }
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("creating {}", args.output.display()))?;
-    let duration = Duration::from_secs_f64(args.minutes * 60.0);
     let mut rows = Vec::new();
     for run in &args.runs {
+        let minutes = if run == "overload" {
+            args.overload_minutes
+        } else {
+            args.minutes
+        };
+        let duration = Duration::from_secs_f64(minutes * 60.0);
         let mut c = SoakConfig::new(
             args.baton.clone(),
             args.work.join(run),
             args.streams,
             duration,
         );
-        c.max_inflight = args.max_inflight.unwrap_or(args.streams * 7 / 8).max(1);
         c.migration_limit = args.migration_limit;
         c.stream_timeout = args.stream_timeout;
         c.lease_ttl = args.lease_ttl;
         c.request_timeout = Duration::from_secs(300);
         match run.as_str() {
             "plain" => {}
+            "overload" => {
+                c.max_inflight = args.max_inflight.unwrap_or(args.streams * 3 / 4).max(1);
+            }
             "faults" => {
                 // Evenly spread, the first after warm-up, each with time to recover.
                 let gap = duration / (faults.len() as u32 + 1);
@@ -103,7 +120,7 @@ fn main() -> Result<()> {
         eprintln!(
             "soak `{run}`: {} streams for {:.1} min (logs in {})",
             c.streams,
-            args.minutes,
+            minutes,
             c.work.display()
         );
         let report = soak::run(&c).with_context(|| format!("soak run `{run}`"))?;
@@ -124,7 +141,7 @@ fn print_run(run: &str, r: &SoakReport) {
     println!("\n## soak `{run}` on {}", r.cpu);
     println!(
         "{} requests: {} completed, {} failed ({} with a clear error), {} hung, {} answered \
-         twice; {} 503s; {:.0} output tok/s; remote prefills {}",
+         twice; {} 503s ({} requests never admitted); {:.0} output tok/s; remote prefills {}",
         r.requests,
         r.completed,
         r.failed,
@@ -132,6 +149,7 @@ fn print_run(run: &str, r: &SoakReport) {
         r.hung,
         r.answered_twice,
         r.rejected_503,
+        r.gave_up,
         r.output_tok_s,
         r.remote_prefills
     );

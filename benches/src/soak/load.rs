@@ -47,8 +47,11 @@ pub enum Ending {
     Transport,
     /// The stream ended without `[DONE]` or without a finish and no error said why.
     Incomplete,
-    /// Nothing ended it within `request_timeout`.
+    /// Admitted, and nothing ended it within `request_timeout`.
     Hung,
+    /// Answered 503 with `Retry-After` for `request_timeout` and never admitted: the client
+    /// gave up (admission answers at once and keeps no queue, so this is not a hang).
+    GaveUp,
 }
 
 /// One request's life, times in seconds since the load began.
@@ -158,10 +161,13 @@ async fn request(
         "stream_options": {"include_usage": true}, "ignore_eos": true, "temperature": 0,
     });
     let url = format!("{}/v1/completions", shape.url);
-    let deadline = start + shape.request_timeout;
+    // Rejections have their own budget, and an admitted attempt the whole timeout.
+    let give_up = start + shape.request_timeout;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let attempt = tokio::time::timeout(left, exchange(client, &url, &body, start, &mut log));
+        let attempt = tokio::time::timeout(
+            shape.request_timeout,
+            exchange(client, &url, &body, start, &mut log),
+        );
         match attempt.await {
             Err(_) => {
                 log.ending = Ending::Hung;
@@ -175,8 +181,8 @@ async fn request(
             Ok(Attempt::RetryAfter(wait)) => {
                 log.rejected += 1;
                 let wait = wait.min(shape.max_retry_after);
-                if Instant::now() + wait >= deadline {
-                    log.ending = Ending::Hung;
+                if Instant::now() + wait >= give_up {
+                    log.ending = Ending::GaveUp;
                     log.error = Some(format!("still rejected after {} tries", log.rejected));
                     break;
                 }

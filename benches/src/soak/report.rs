@@ -64,6 +64,8 @@ pub struct SoakReport {
     /// Failures that ended with an error event and `[DONE]`, or an error answer.
     pub failed_clearly: usize,
     pub hung: usize,
+    /// Never admitted within the request timeout (every try a 503 with `Retry-After`).
+    pub gave_up: usize,
     pub answered_twice: usize,
     /// 503 answers (each retried after its `Retry-After`), and the requests that got one.
     pub rejected_503: u64,
@@ -162,6 +164,7 @@ impl SoakReport {
             failed: logs.len() - completed.len(),
             failed_clearly: logs.iter().filter(|l| l.failed_clearly()).count(),
             hung: logs.iter().filter(|l| l.ending == Ending::Hung).count(),
+            gave_up: logs.iter().filter(|l| l.ending == Ending::GaveUp).count(),
             answered_twice: logs.iter().filter(|l| l.answered_twice(osl)).count(),
             rejected_503: logs.iter().map(|l| l.rejected as u64).sum(),
             requests_rejected: logs.iter().filter(|l| l.rejected > 0).count(),
@@ -210,15 +213,17 @@ impl SoakReport {
             .filter_map(|p| Some(p.rss_end_mib? - p.rss_warm_mib?))
             .fold(f64::MIN, f64::max);
         format!(
-            "| {what} | {} × {:.0} s | {} | {} | {} | {} | {} | {} | {:.2} / {:.2} s | {:.2} / {:.2} s | {:+.1} MiB | {} |",
+            "| {what} | {} × {:.0} s | {} | {} | {} | {} | {} | {} | {} ({}) | {:.2} / {:.2} s | {:.2} / {:.2} s | {:+.1} MiB | {} |",
             self.streams,
             self.duration_s,
+            self.max_inflight,
             self.requests,
             self.completed,
-            self.failed,
+            self.failed - self.gave_up,
             self.hung,
             self.answered_twice,
             self.rejected_503,
+            self.gave_up,
             self.ttft_p50_s,
             self.ttft_p99_s,
             self.e2e_p50_s,
@@ -228,7 +233,8 @@ impl SoakReport {
         )
     }
 
-    pub const TABLE_HEAD: &'static str = "| run | load | requests | completed | failed | hung | \
-        answered twice | 503s | TTFT p50 / p99 | E2E p50 / p99 | worst RSS growth after warm-up | \
-        KV blocks left |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
+    pub const TABLE_HEAD: &'static str = "| run | streams × time | --max-inflight | requests | \
+        completed | failed | hung | answered twice | 503s (gave up) | TTFT p50 / p99 | \
+        E2E p50 / p99 | worst RSS growth after warm-up | KV blocks left |\n\
+        |---|---|---|---|---|---|---|---|---|---|---|---|---|";
 }
