@@ -1,5 +1,6 @@
 //! `baton serve` over real HTTP, its error answers: 400s that name the parameter at fault, the
-//! API key's 401, the body limit's 413, and 503 over `--max-inflight` and without a worker.
+//! API key's 401 on every route but `/health` and `/live` (a near-miss key included), the body
+//! limit's 413, and 503 with `Retry-After` over `--max-inflight` and without a worker.
 //!
 //! The servers are real child processes (see `common`): (A) the shared main server, (B) one
 //! with an API key, a small body limit and one request in flight (its tests hold `LIMITED`),
@@ -92,24 +93,52 @@ async fn api_key_401_and_body_limit_413() {
     let (_held, b, client, chat) = limited().await;
     let body = chat_body("hi", 2);
 
-    let (status, v) = post_json(&client, &chat, &body).await;
-    assert_error(status, &v, 401, None, "no key");
-    let (status, v) = post_json_with_key(&client, &chat, "wrong", &body).await;
-    assert_error(status, &v, 401, None, "wrong key");
-    let resp = client.get(b.url("/v1/models")).send().await.unwrap();
-    let (status, v) = read_json(resp).await;
-    assert_error(status, &v, 401, None, "models without a key");
-
+    // A prefix of the key, the key with more after it, another case: all wrong.
+    let wrong = [
+        None,
+        Some("wrong"),
+        Some("secre"),
+        Some("secrets"),
+        Some("SECRET"),
+    ];
+    for key in wrong {
+        let resp = send_json(&client, &chat, key, &body).await;
+        let (status, v) = read_json(resp).await;
+        assert_error(status, &v, 401, None, &format!("chat with key {key:?}"));
+    }
     let (status, v) = post_json_with_key(&client, &chat, "secret", &body).await;
     assert_eq!(status, 200, "right key: {v}");
     check_chat(&v);
-    let resp = client
-        .get(b.url("/v1/models"))
-        .bearer_auth("secret")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+
+    // Every GET route but the orchestrator's two probes is behind the key, an unknown path too
+    // (a 404 without the key would tell which paths exist).
+    for (path, with_key) in [
+        ("/v1/models", 200),
+        ("/metrics", 200),
+        ("/admin/disagg", 200),
+        ("/v1/no-such-route", 404),
+    ] {
+        for key in wrong {
+            let mut request = client.get(b.url(path));
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            let (status, v) = read_json(request.send().await.unwrap()).await;
+            assert_error(
+                status,
+                &v,
+                401,
+                None,
+                &format!("GET {path} with key {key:?}"),
+            );
+        }
+        let resp = client.get(b.url(path)).bearer_auth("secret").send().await;
+        let resp = resp.unwrap();
+        assert_eq!(resp.status().as_u16(), with_key, "GET {path} with the key");
+    }
+    let resp = client.get(b.url("/metrics")).bearer_auth("secret").send();
+    let text = resp.await.unwrap().text().await.unwrap();
+    assert!(text.contains("baton_"), "{text}");
 
     // Health and liveness are for the orchestrator, not behind the key.
     for path in ["/health", "/live"] {
@@ -144,9 +173,16 @@ async fn over_max_inflight_gets_503() {
         (chat.clone(), chat_body("hi", 2)),
         (b.url("/v1/completions"), completion_body(json!("hi"), 2)),
     ] {
-        let (status, v) = post_json_with_key(&client, &url, "secret", &body).await;
+        let resp = send_json(&client, &url, Some("secret"), &body).await;
+        let retry_after = resp.headers().get("retry-after").cloned();
+        let (status, v) = read_json(resp).await;
         let what = format!("{url}: a second request while one is in flight");
         assert_error(status, &v, 503, None, &what);
+        assert_eq!(
+            retry_after.as_ref().map(|h| h.to_str().unwrap()),
+            Some("1"),
+            "{what}: Retry-After"
+        );
     }
     drop(sse);
 
@@ -167,7 +203,15 @@ async fn no_worker_gets_503() {
     let Api {
         server: c, client, ..
     } = api(workerless_server());
-    let (status, v) = post_json(&client, &c.url("/v1/chat/completions"), &chat_body("hi", 2)).await;
+    let resp = send_json(
+        &client,
+        &c.url("/v1/chat/completions"),
+        None,
+        &chat_body("hi", 2),
+    )
+    .await;
+    assert_eq!(resp.headers()["retry-after"], "1", "chat without a worker");
+    let (status, v) = read_json(resp).await;
     assert_error(status, &v, 503, None, "chat without a worker");
     let (status, v) = post_json(
         &client,

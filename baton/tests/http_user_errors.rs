@@ -29,13 +29,25 @@ async fn user_errors_never_give_5xx() {
             400,
             Some("messages"),
         ),
-        // OpenAI names the missing parameter (`messages`, `prompt` below); Baton does not.
-        (&chat, json!({"model": MODEL}), 400, None),
+        // A missing required parameter is named, as OpenAI names it.
+        (&chat, json!({"model": MODEL}), 400, Some("messages")),
         (
             &chat,
             json!({"messages": [{"role": "user", "content": "hi"}]}),
             400,
-            None,
+            Some("model"),
+        ),
+        (
+            &chat,
+            json!({"model": MODEL, "messages": [{"content": "hi"}]}),
+            400,
+            Some("messages[0].role"),
+        ),
+        (
+            &chat,
+            json!({"model": MODEL, "messages": [{"role": "user", "content": 5}]}),
+            400,
+            Some("messages[0].content"),
         ),
         (
             &chat,
@@ -107,7 +119,27 @@ async fn user_errors_never_give_5xx() {
             400,
             Some("frequency_penalty"),
         ),
+        (
+            &chat,
+            c(json!({"temperature": []})),
+            400,
+            Some("temperature"),
+        ),
         (&chat, c(json!({"stop": 5})), 400, Some("stop")),
+        (&chat, c(json!({"stop": vec!["x"; 65]})), 400, Some("stop")),
+        (&chat, c(json!({"stop": vec!["x"; 64]})), 200, None),
+        (
+            &chat,
+            c(json!({"stop": "x".repeat(1025)})),
+            400,
+            Some("stop"),
+        ),
+        (
+            &chat,
+            c(json!({"stop": ["x", "x".repeat(1025)]})),
+            400,
+            Some("stop[1]"),
+        ),
         (&chat, c(json!({"stop": ["", "x"]})), 200, None),
         (&chat, c(json!({"seed": -1})), 400, Some("seed")),
         (&chat, c(json!({"n": -1})), 400, Some("n")),
@@ -133,7 +165,7 @@ async fn user_errors_never_give_5xx() {
             None,
         ),
         (&chat, c(json!({"nvext": "x"})), 400, Some("nvext")),
-        (&cmpl, json!({"model": MODEL}), 400, None),
+        (&cmpl, json!({"model": MODEL}), 400, Some("prompt")),
         (&cmpl, p(json!({"prompt": ""})), 400, Some("prompt")),
         (&cmpl, p(json!({"prompt": []})), 400, Some("prompt")),
         (&cmpl, p(json!({"prompt": [[]]})), 400, Some("prompt[0]")),
@@ -163,14 +195,39 @@ async fn user_errors_never_give_5xx() {
         }
     }
 
-    for (ctype, raw, want) in [
-        ("application/json", &b""[..], 400),
-        ("text/plain", b"{}", 400),
-        ("application/json", b"\xff\xfe{", 400),
+    // Bodies that are not JSON name no parameter; numbers JSON can write but no field holds
+    // name theirs. The content type is not checked (curl's `-d` sends a form type).
+    let msgs = r#""messages": [{"role": "user", "content": "hi"}]"#;
+    for (ctype, raw, param) in [
+        ("application/json", "".to_string(), None),
+        ("application/json", "\u{FEFF}{}".to_string(), None),
+        ("application/json", r#"{"model": NaN}"#.to_string(), None),
+        ("text/plain", "{}".to_string(), Some("model")),
+        (
+            "application/json",
+            format!(r#"{{"model": "{MODEL}", {msgs}, "max_tokens": 1e999}}"#),
+            Some("max_tokens"),
+        ),
+        (
+            "application/json",
+            format!(r#"{{"model": "{MODEL}", {msgs}, "max_tokens": 18446744073709551616}}"#),
+            Some("max_tokens"),
+        ),
+        (
+            "application/json",
+            format!(
+                r#"{{"model": "{MODEL}", {msgs}, "stop": {}"x"{}}}"#,
+                "[".repeat(1000),
+                "]".repeat(1000)
+            ),
+            Some("stop"),
+        ),
     ] {
-        let (status, v) = post_raw(&client, &chat, ctype, raw).await;
-        assert_error(status, &v, want, None, &format!("{ctype} body {raw:?}"));
+        let (status, v) = post_raw(&client, &chat, ctype, raw.as_bytes()).await;
+        assert_error(status, &v, 400, param, &format!("{ctype} body {raw:.80}"));
     }
+    let (status, v) = post_raw(&client, &chat, "application/json", b"\xff\xfe{").await;
+    assert_error(status, &v, 400, None, "a body that is not UTF-8");
     let (status, body) = get_text(&client, &a.url("/v1/no-such-route")).await;
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert_error(status, &v, 404, None, "GET /v1/no-such-route");

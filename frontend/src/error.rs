@@ -27,14 +27,40 @@ struct Inner<'a> {
     code: Option<&'a str>,
 }
 
+/// Longest error message sent, in bytes: messages quote what the client sent (a model name, a
+/// mistyped value), which may be megabytes.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message` within [`MAX_MESSAGE_BYTES`]: its head and its tail (where serde says the line
+/// and column), the middle elided.
+fn clip(message: String) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let mut head = MAX_MESSAGE_BYTES * 2 / 3;
+    while !message.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = message.len() - MAX_MESSAGE_BYTES / 4;
+    while !message.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{} … ({} bytes elided) … {}",
+        &message[..head],
+        tail - head,
+        &message[tail..]
+    )
+}
+
 impl ApiError {
     /// 400 naming the parameter, e.g. `bad_param("temperature", "must be in [0, 2]")`.
     pub fn bad_param(param: &str, problem: impl std::fmt::Display) -> Self {
         Self {
             status: 400,
-            message: format!("`{param}` {problem}"),
+            message: clip(format!("`{param}` {problem}")),
             kind: "invalid_request_error",
-            param: Some(param.into()),
+            param: Some(clip(param.into())),
             code: None,
         }
     }
@@ -42,7 +68,7 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self {
             status: 400,
-            message: message.into(),
+            message: clip(message.into()),
             kind: "invalid_request_error",
             param: None,
             code: None,
@@ -62,7 +88,7 @@ impl ApiError {
     pub fn model_not_found(model: &str) -> Self {
         Self {
             status: 404,
-            message: format!("the model `{model}` does not exist"),
+            message: clip(format!("the model `{model}` does not exist")),
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),
@@ -143,6 +169,13 @@ impl axum::response::IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is left unread, so the connection cannot carry another
+            // request; without saying so, a client's pool reuses it and its next request fails.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
@@ -161,6 +194,40 @@ mod tests {
         assert_eq!(v["error"]["param"], "top_p");
         assert!(v["error"]["code"].is_null());
         assert_eq!(ApiError::model_not_found("x").status, 404);
+    }
+
+    #[test]
+    fn long_messages_keep_head_and_tail() {
+        let e = ApiError::bad_param(
+            "max_tokens",
+            format!("got \"{}\" at line 1 column 9", "é".repeat(1 << 20)),
+        );
+        assert!(
+            e.message.len() < 2 * MAX_MESSAGE_BYTES,
+            "{}",
+            e.message.len()
+        );
+        assert!(
+            e.message.starts_with("`max_tokens` got \"éé"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.ends_with("éé\" at line 1 column 9"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("bytes elided"));
+        assert_eq!(ApiError::bad_request("short").message, "short");
+    }
+
+    #[test]
+    fn too_large_closes_the_connection() {
+        use axum::response::IntoResponse;
+        let r = ApiError::too_large(10).into_response();
+        assert_eq!(r.headers()[axum::http::header::CONNECTION], "close");
+        let r = ApiError::bad_request("x").into_response();
+        assert!(!r.headers().contains_key(axum::http::header::CONNECTION));
     }
 
     #[test]

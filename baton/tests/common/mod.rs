@@ -224,6 +224,26 @@ pub fn quiet_server() -> &'static Server {
     once_server(&S, "quiet", &["--num-kv-blocks", "96"])
 }
 
+/// (E) The mock engine (a simulated 70B on TP4 H100s, no weights; `--mock-speedup inf`: its
+/// steps take no simulated time) behind the real frontend, router and scheduler, with
+/// SmolLM2's tokenizer and every default limit (8 MiB bodies): for tests whose requests should
+/// cost nothing to generate.
+pub fn mock_server() -> &'static Server {
+    static S: OnceLock<Result<Server, String>> = OnceLock::new();
+    once_server(
+        &S,
+        "mock",
+        &[
+            "--executor",
+            "mock",
+            "--tensor-parallel-size",
+            "4",
+            "--mock-speedup",
+            "inf",
+        ],
+    )
+}
+
 /// Serializes the tests of the quiet server (D).
 pub static QUIET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Serializes the tests of the limited server (B): it admits one request at a time.

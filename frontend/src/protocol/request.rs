@@ -42,6 +42,15 @@ impl CommonParams {
         self.max_completion_tokens.or(self.max_tokens)
     }
 
+    /// The field [`Self::max_tokens`] came from, for errors to name what the client sent.
+    pub fn max_tokens_field(&self) -> &'static str {
+        if self.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        }
+    }
+
     /// Top level or inside `nvext`; either one set to true counts.
     pub fn ignore_eos(&self) -> bool {
         self.ignore_eos.unwrap_or(false)
@@ -96,10 +105,10 @@ impl CommonParams {
             stop_token_ids: Vec::new(),
         };
         params.validate().map_err(|e| {
-            let param = if e.param == "logprobs" {
-                logprobs_field
-            } else {
-                e.param
+            let param = match e.param {
+                "logprobs" => logprobs_field,
+                "max_tokens" => self.max_tokens_field(),
+                other => other,
             };
             ApiError::bad_param(param, e.reason)
         })?;

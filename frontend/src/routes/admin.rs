@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -43,13 +42,10 @@ pub async fn get_disagg(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `POST /admin/disagg` `{"max-local-prefill-length": N, "max-prefill-queue-size": M}`.
-pub async fn set_disagg(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn set_disagg(State(state): State<Arc<AppState>>, body: Body) -> Response {
     let result = async {
         let admin = admin(&state)?;
-        let body = super::body_bytes(&state, body)?;
+        let body = super::body_bytes(&state, body).await?;
         let thresholds: DisaggThresholds = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(format!(
                 "expected {{\"max-local-prefill-length\": N, \"max-prefill-queue-size\": M}}: {e}"

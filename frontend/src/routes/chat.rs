@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -25,21 +24,14 @@ use crate::state::AppState;
 const ENDPOINT: &str = "chat";
 const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
-pub async fn handle(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn handle(State(state): State<Arc<AppState>>, body: Body) -> Response {
     let started = Instant::now();
     let result = run(state.clone(), body, started).await;
     super::respond(&state, ENDPOINT, result)
 }
 
-async fn run(
-    state: Arc<AppState>,
-    body: Result<Bytes, BytesRejection>,
-    started: Instant,
-) -> Result<Response, ApiError> {
-    let body = body_bytes(&state, body)?;
+async fn run(state: Arc<AppState>, body: Body, started: Instant) -> Result<Response, ApiError> {
+    let body = body_bytes(&state, body).await?;
     let req: ChatCompletionRequest = parse(&body)?;
     check_model(&state, &req.model)?;
     let permit = state.admit()?;
@@ -66,6 +58,7 @@ async fn run(
         req.common.max_tokens(),
         None,
         "messages",
+        req.common.max_tokens_field(),
     )?;
     let sampling = req
         .common

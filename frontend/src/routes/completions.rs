@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -27,10 +26,7 @@ const ENDPOINT: &str = "completions";
 /// OpenAI's (and vLLM's) default for this endpoint.
 const DEFAULT_MAX_TOKENS: usize = 16;
 
-pub async fn handle(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn handle(State(state): State<Arc<AppState>>, body: Body) -> Response {
     let started = Instant::now();
     let result = run(state.clone(), body, started).await;
     super::respond(&state, ENDPOINT, result)
@@ -90,12 +86,8 @@ fn prompts(model: &ServedModel, prompt: &Prompt) -> Result<Vec<PromptInput>, Api
     Ok(list)
 }
 
-async fn run(
-    state: Arc<AppState>,
-    body: Result<Bytes, BytesRejection>,
-    started: Instant,
-) -> Result<Response, ApiError> {
-    let body = body_bytes(&state, body)?;
+async fn run(state: Arc<AppState>, body: Body, started: Instant) -> Result<Response, ApiError> {
+    let body = body_bytes(&state, body).await?;
     let req: CompletionRequest = parse(&body)?;
     check_model(&state, &req.model)?;
     let permit = state.admit()?;
@@ -119,6 +111,7 @@ async fn run(
             req.common.max_tokens(),
             Some(DEFAULT_MAX_TOKENS),
             "prompt",
+            req.common.max_tokens_field(),
         )?;
         let sampling = req
             .common

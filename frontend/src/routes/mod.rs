@@ -8,13 +8,13 @@ mod status;
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use processor::PromptError;
 use runtime::protocol::SamplingParams;
 use subtle::ConstantTimeEq;
@@ -46,7 +46,6 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         // A layer over the whole router, not `route_layer`: that one skips the fallback, which
         // would tell a caller without the key which paths exist.
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }
 
@@ -72,15 +71,31 @@ fn key_matches(given: &str, key: &str) -> bool {
     given.as_bytes().ct_eq(key.as_bytes()).into()
 }
 
+/// How much of a body over `--max-body-bytes` is read (and dropped) before the 413: a client
+/// still sending when the server closes gets a reset that may destroy the 413 unread; past
+/// this, it does.
+const DRAIN_BYTES: usize = 64 << 20;
+
 /// The body, or 413 (over `--max-body-bytes`) / 400 in OpenAI's error shape.
-fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(state.config.max_body_bytes)
-        } else {
-            ApiError::bad_request(format!("cannot read the request body: {rejection}"))
+async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    let mut chunks = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            bytes.extend_from_slice(&chunk);
+        } else if seen > limit.saturating_add(DRAIN_BYTES) {
+            break;
         }
-    })
+    }
+    if seen > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(Bytes::from(bytes))
 }
 
 /// The response, or the error's; a failed request is counted here (a served one is counted when
@@ -117,6 +132,7 @@ fn max_tokens(
     asked: Option<u32>,
     default: Option<usize>,
     prompt_param: &str,
+    max_tokens_field: &str,
 ) -> Result<usize, ApiError> {
     let context = state.model.max_context;
     if prompt_len >= context {
@@ -129,7 +145,7 @@ fn max_tokens(
     match asked.map(|m| m as usize).or(default) {
         None => Ok(room),
         Some(m) if m > room => Err(ApiError::bad_param(
-            "max_tokens",
+            max_tokens_field,
             format!(
                 "{m} plus the prompt's {prompt_len} tokens exceeds the model's context of \
                  {context} tokens"
