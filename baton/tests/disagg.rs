@@ -400,7 +400,12 @@ async fn the_seed_config_runs_embedded_and_its_thresholds_change_through_the_adm
     complete_auth(other).await;
     let m = |text: &str, name: &str| metric(text, name).unwrap_or(0.0);
     let (ok, text) = wait_for(Duration::from_secs(5), || async {
-        let t: String = get_text(&client(), &server.url("/metrics")).await.1;
+        // `/metrics` is behind the key too.
+        let resp = auth(client().get(server.url("/metrics")))
+            .send()
+            .await
+            .unwrap();
+        let t: String = resp.text().await.unwrap();
         (m(&t, "baton_prefill_total{where=\"local\"}") >= 1.0, t)
     })
     .await;
