@@ -291,6 +291,9 @@ fn cases(endpoint: Endpoint, max_tokens_limit: u64) -> impl Strategy<Value = Cas
         ("stop", format!("\"{}\"", "s".repeat(1024))),
         ("stop", format!("\"{}\"", "s".repeat(1025))),
         ("model", r#""gpt-4o""#.to_string()),
+        // Prompts × n is bounded at 2048 choices.
+        ("prompt", format!("[{}]", vec!["[1]"; 2049].join(","))),
+        ("prompt", format!("[{}]", vec!["\"a\""; 2048].join(","))),
         // Just under the 8 MiB body limit: tokenized, then over the context.
         (endpoint.required()[1], long_input(endpoint)),
         // Over it: 413 before anything reads it.

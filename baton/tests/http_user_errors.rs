@@ -179,6 +179,19 @@ async fn user_errors_never_give_5xx() {
         (&cmpl, p(json!({"prompt": [1.5]})), 400, Some("prompt")),
         (&cmpl, p(json!({"prompt": [["a"]]})), 400, Some("prompt")),
         (&cmpl, p(json!({"prompt": {"a": 1}})), 400, Some("prompt")),
+        // Prompts × n is bounded (2048): the prompts alone, or with n.
+        (
+            &cmpl,
+            p(json!({"prompt": vec![[1]; 2049]})),
+            400,
+            Some("prompt"),
+        ),
+        (
+            &cmpl,
+            p(json!({"prompt": vec![[1]; 17], "n": 128})),
+            400,
+            Some("n"),
+        ),
         (&cmpl, p(json!({"logprobs": 1000})), 400, Some("logprobs")),
         (&cmpl, p(json!({"logprobs": -1})), 400, Some("logprobs")),
         (&cmpl, p(json!({"echo": "yes"})), 400, Some("echo")),

@@ -251,6 +251,17 @@ pub enum Prompt {
     TokenBatches(Vec<Vec<u32>>),
 }
 
+impl Prompt {
+    /// How many prompts it holds.
+    pub fn count(&self) -> usize {
+        match self {
+            Prompt::Text(_) | Prompt::Tokens(_) => 1,
+            Prompt::Texts(v) => v.len(),
+            Prompt::TokenBatches(v) => v.len(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,9 @@ use crate::state::AppState;
 const ENDPOINT: &str = "completions";
 /// OpenAI's (and vLLM's) default for this endpoint.
 const DEFAULT_MAX_TOKENS: usize = 16;
+/// Most choices one request may make in all, prompts × `n`: each is an engine request, and an
+/// 8 MiB body holds two million one-token prompts.
+const MAX_TOTAL_CHOICES: usize = 2048;
 
 pub async fn handle(State(state): State<Arc<AppState>>, body: Body) -> Response {
     let started = Instant::now();
@@ -102,6 +105,22 @@ async fn run(state: Arc<AppState>, body: Body, started: Instant) -> Result<Respo
     let logprobs = req.logprobs.map(|k| k as usize);
     let n = choices(&req.common)?;
     let stop = req.common.stop_strings()?;
+    let total = req.prompt.count().saturating_mul(n as usize);
+    if total > MAX_TOTAL_CHOICES {
+        let count = req.prompt.count();
+        let param = if count > MAX_TOTAL_CHOICES {
+            "prompt"
+        } else {
+            "n"
+        };
+        return Err(ApiError::bad_param(
+            param,
+            format!(
+                "asks for {count} prompts × {n} choices = {total}; at most \
+                 {MAX_TOTAL_CHOICES} choices per request"
+            ),
+        ));
+    }
     let inputs = prompts(&state.model, &req.prompt)?;
     let mut plans = Vec::new();
     for (p, input) in inputs.iter().enumerate() {
