@@ -261,7 +261,7 @@ fn stop_list() -> impl Strategy<Value = Raw> {
     })
 }
 
-/// Any field's bad (or odd) value; `limits` are the field-specific edges.
+/// Any field's bad (or odd) value; the field-specific edges are in [`cases`].
 fn value() -> impl Strategy<Value = Raw> {
     prop_oneof![
         8 => prop::sample::select(SCALARS).prop_map(str::to_string),
