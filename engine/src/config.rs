@@ -18,6 +18,10 @@ pub enum RopeScaling {
     },
 }
 
+/// The longest context a config may give: 2^24 positions, above the longest Llama-family
+/// context published (Llama 4 Scout's 10M).
+pub const MAX_POSITIONS: usize = 1 << 24;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     pub hidden_size: usize,
@@ -52,6 +56,15 @@ impl LlamaConfig {
         }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad("`head_dim` must be positive and even");
+        }
+        // The model builds its RoPE tables for every position up front; a corrupt context
+        // length (2^32) would make that an allocation of hundreds of gigabytes, which libtorch
+        // reports by panicking.
+        if self.max_position_embeddings == 0 || self.max_position_embeddings > MAX_POSITIONS {
+            return Err(EngineError::InvalidConfig(format!(
+                "`max_position_embeddings` (the context length) is {}, outside 1..={MAX_POSITIONS}",
+                self.max_position_embeddings
+            )));
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Loaded weight tensors, keyed by their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tch::Tensor;
 
@@ -61,6 +61,17 @@ impl Weights {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
+    }
+
+    /// How many distinct layers (`model.layers.{i}.…`) have at least one tensor: a config that
+    /// claims more is wrong.
+    pub fn layer_count(&self) -> usize {
+        let layers: HashSet<&str> = self
+            .names()
+            .filter_map(|n| n.strip_prefix("model.layers.")?.split_once('.'))
+            .map(|(layer, _)| layer)
+            .collect();
+        layers.len()
     }
 
     /// Removes and returns `name`, checking its shape.

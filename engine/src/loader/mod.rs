@@ -64,7 +64,27 @@ fn read<T>(model: &str, hf: fn(&Path) -> Result<T>, gguf: fn(&Path) -> Result<T>
 
 /// Loads a model's card and weights.
 pub fn load(model: &str) -> Result<LoadedModel> {
-    read(model, hf::load, gguf::load)
+    let loaded = read(model, hf::load, gguf::load)?;
+    let path = resolve(model)?;
+    let source = if path.is_dir() {
+        path.join(hf::CONFIG_FILE)
+    } else {
+        path
+    };
+    // The model reserves room for every layer the config names before it takes their tensors,
+    // so a corrupt count (2^32 layers) must be caught here, against what the file holds.
+    let (claimed, held) = (
+        loaded.card.config.num_hidden_layers,
+        loaded.weights.layer_count(),
+    );
+    if claimed > held {
+        return Err(EngineError::InvalidConfig(format!(
+            "`{}` claims {claimed} layers (`num_hidden_layers`, GGUF `llama.block_count`), but \
+             its weights hold {held}",
+            source.display()
+        )));
+    }
+    Ok(loaded)
 }
 
 /// Reads only the card (config, tokenizer, chat template, limits) of a model, leaving its

@@ -141,7 +141,9 @@ fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         rms_norm_eps,
         tie_word_embeddings: file.tensor("output.weight").is_none(),
     };
-    config.validate()?;
+    config
+        .validate()
+        .map_err(|e| invalid(meta, e.to_string()))?;
     Ok(config)
 }
 

@@ -13,6 +13,11 @@ use crate::error::{EngineError, Result};
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 
+/// ggml's `ggml_type` enum in order; ids 4 and 5 were removed types.
+const GGML_TYPE_NAMES: &str = "F32 F16 Q4_0 Q4_1 Q4_2 Q4_3 Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K \
+    Q5_K Q6_K Q8_K IQ2_XXS IQ2_XS IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ2_S IQ4_XS I8 I16 I32 I64 F64 \
+    IQ1_M BF16 Q4_0_4_4 Q4_0_4_8 Q4_0_8_8 TQ1_0 TQ2_0 IQ4_NL_4_4 IQ4_NL_4_8 IQ4_NL_8_8 MXFP4";
+
 /// A ggml tensor type id; only some have a known block size (and fewer are dequantized).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GgmlType(pub u32);
@@ -27,14 +32,17 @@ impl GgmlType {
 
     /// The name ggml gives the type (`Q6_K`), as users see it in model file names.
     pub fn name(self) -> String {
-        // ggml's `ggml_type` enum in order; ids 4 and 5 were removed types.
-        const NAMES: &str = "F32 F16 Q4_0 Q4_1 Q4_2 Q4_3 Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K Q5_K \
-            Q6_K Q8_K IQ2_XXS IQ2_XS IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ2_S IQ4_XS I8 I16 I32 I64 F64 \
-            IQ1_M BF16 Q4_0_4_4 Q4_0_4_8 Q4_0_8_8 TQ1_0 TQ2_0 IQ4_NL_4_4 IQ4_NL_4_8 IQ4_NL_8_8 MXFP4";
-        match NAMES.split_whitespace().nth(self.0 as usize) {
+        match GGML_TYPE_NAMES.split_whitespace().nth(self.0 as usize) {
             Some(name) => name.to_string(),
             None => format!("ggml type {}", self.0),
         }
+    }
+
+    /// Whether ggml has (or had) a type with this id. An id past the end of its enum is not a
+    /// type this reader is too old for but a corrupt directory entry: its size is unknown, so
+    /// its data range could not be checked either.
+    pub fn is_known(self) -> bool {
+        (self.0 as usize) < GGML_TYPE_NAMES.split_whitespace().count()
     }
 
     /// (elements per block, bytes per block), for the types whose size we can check.
@@ -178,6 +186,14 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     }
     let tensor_count = r.u64("the tensor count")?;
     let kv_count = r.u64("the metadata count")?;
+    // Checked before any loop runs: a forged count fails here rather than after reading (and
+    // holding) everything the file does contain.
+    r.fits(kv_count, MIN_KV_BYTES, "metadata entries")?;
+    r.fits(
+        tensor_count,
+        MIN_TENSOR_INFO_BYTES,
+        "tensor directory entries",
+    )?;
 
     let mut values = BTreeMap::new();
     for i in 0..kv_count {
@@ -195,8 +211,10 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         },
     };
 
-    // Each directory entry takes at least 24 bytes, so a huge count cannot make us preallocate.
-    let mut tensors = Vec::with_capacity(capacity(tensor_count, r.remaining() / 24));
+    let mut tensors = Vec::with_capacity(capacity(
+        tensor_count,
+        r.remaining() / MIN_TENSOR_INFO_BYTES as usize,
+    ));
     for i in 0..tensor_count {
         let name = r.string(&format!("the name of tensor {i}"))?;
         let n_dims = r.u32(&format!("the rank of tensor `{name}`"))?;
@@ -207,6 +225,13 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
             .map(|_| r.u64(&format!("the dimensions of tensor `{name}`")))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let ggml_type = GgmlType(r.u32(&format!("the type of tensor `{name}`"))?);
+        if !ggml_type.is_known() {
+            return Err(format!(
+                "tensor `{name}` has unknown ggml type {} (at byte {})",
+                ggml_type.0,
+                r.pos - 4
+            ));
+        }
         let offset = r.u64(&format!("the offset of tensor `{name}`"))?;
         tensors.push(TensorInfo {
             name,
@@ -219,8 +244,18 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
     let file_len = buf.len() as u64;
     for t in &mut tensors {
-        let too_far = || format!("data of tensor `{}` lies past the end of the file", t.name);
-        t.offset = data_start.checked_add(t.offset).ok_or_else(too_far)?;
+        let relative = t.offset;
+        let too_far = |len: Option<u64>| {
+            let size = len.map_or_else(String::new, |n| format!(", {n} bytes"));
+            format!(
+                "data of tensor `{}` (offset {relative} from the data section at byte \
+                 {data_start}{size}) lies past the end of the file ({file_len} bytes)",
+                t.name
+            )
+        };
+        t.offset = data_start
+            .checked_add(relative)
+            .ok_or_else(|| too_far(None))?;
         let fits_i64 = |n: u64| i64::try_from(n).is_ok();
         if !checked_elements(&t.dims).is_some_and(fits_i64) {
             return Err(format!(
@@ -230,7 +265,7 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         }
         match byte_len(t) {
             Some(len) if t.offset.checked_add(len).is_none_or(|end| end > file_len) => {
-                return Err(too_far());
+                return Err(too_far(Some(len)));
             }
             None if t.ggml_type.block_layout().is_some() => {
                 return Err(format!(
@@ -246,8 +281,26 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     Ok((version, values, tensors))
 }
 
+/// The smallest metadata entry: an empty key (8-byte length), its type (4) and a one-byte value.
+const MIN_KV_BYTES: u64 = 13;
+/// The smallest directory entry: an empty name (8), rank 0 (4), the type (4) and the offset (8).
+const MIN_TENSOR_INFO_BYTES: u64 = 24;
+
 fn capacity(count: u64, limit: usize) -> usize {
     usize::try_from(count).unwrap_or(usize::MAX).min(limit)
+}
+
+/// The fewest bytes a metadata value of type `ty` takes (an unknown type is refused when read).
+fn min_value_bytes(ty: u32) -> u64 {
+    match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        // A string's length, an array's element type and count.
+        8 => 8,
+        9 => 12,
+        _ => 8,
+    }
 }
 
 struct Cursor<'a> {
@@ -258,6 +311,19 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     fn remaining(&self) -> usize {
         self.buf.len() - self.pos
+    }
+
+    /// Fails when `count` items of at least `min_bytes` each cannot fit in what is left.
+    fn fits(&self, count: u64, min_bytes: u64, what: &str) -> std::result::Result<(), String> {
+        let remaining = self.remaining() as u64;
+        if count.checked_mul(min_bytes).is_none_or(|n| n > remaining) {
+            return Err(format!(
+                "file is truncated or corrupt: it claims {count} {what} at byte {}, but only \
+                 {remaining} bytes remain",
+                self.pos
+            ));
+        }
+        Ok(())
     }
 
     fn take(&mut self, n: usize, what: &str) -> std::result::Result<&'a [u8], String> {
@@ -289,9 +355,11 @@ impl<'a> Cursor<'a> {
 
     fn string(&mut self, what: &str) -> std::result::Result<String, String> {
         let len = self.u64(what)?;
-        let len = usize::try_from(len).map_err(|_| format!("{what} claims {len} bytes"))?;
-        let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not valid UTF-8"))
+        self.fits(len, 1, &format!("bytes for {what}"))?;
+        let at = self.pos;
+        let bytes = self.take(len as usize, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| format!("{what} (at byte {at}) is not valid UTF-8"))
     }
 
     fn value(
@@ -322,6 +390,7 @@ impl<'a> Cursor<'a> {
                 }
                 let elem = self.u32(&what)?;
                 let count = self.u64(&what)?;
+                self.fits(count, min_value_bytes(elem), &format!("elements in {what}"))?;
                 // Grown as elements arrive, so a forged count cannot reserve gigabytes up front.
                 let mut items = Vec::with_capacity(capacity(count, self.remaining().min(1 << 16)));
                 for _ in 0..count {

@@ -50,7 +50,12 @@ pub fn parse(map: &Map<String, Value>) -> Result<HfConfig> {
         rms_norm_eps: obj.require("rms_norm_eps")?,
         tie_word_embeddings: obj.get("tie_word_embeddings")?.unwrap_or(false),
     };
-    llama.validate()?;
+    llama.validate().map_err(|e| match e {
+        EngineError::InvalidConfig(reason) => {
+            EngineError::InvalidConfig(format!("{reason} in {FILE}"))
+        }
+        other => other,
+    })?;
 
     let bos_token_id = obj
         .get::<OneOrMany<u32>>("bos_token_id")?

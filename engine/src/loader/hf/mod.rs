@@ -7,6 +7,7 @@
 //! strings of `tokenizer_config.json`, with `generation_config.json` adding stop ids.
 
 pub mod config;
+mod header;
 mod json;
 pub mod quant;
 pub mod tensors;

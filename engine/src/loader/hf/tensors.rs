@@ -15,6 +15,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use tch::{Kind, Tensor};
 
+use super::header;
 use super::json::{self, Object};
 use super::quant::Quantization;
 use crate::error::{EngineError, Result};
@@ -49,8 +50,8 @@ pub fn load(dir: &Path, quant: &Quantization) -> Result<Weights> {
         .collect::<Result<Vec<_>>>()?;
     let mut views: BTreeMap<String, (TensorView<'_>, &Path)> = BTreeMap::new();
     for (shard, map) in shards.iter().zip(&maps) {
-        let file =
-            SafeTensors::deserialize(map).map_err(|e| invalid(&shard.path, e.to_string()))?;
+        let file = SafeTensors::deserialize(map)
+            .map_err(|e| invalid(&shard.path, header::explain(map, &e)))?;
         let tensors = file.tensors();
         let names: BTreeSet<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         if let Some(missing) = shard.expected.iter().find(|n| !names.contains(n.as_str())) {
