@@ -138,15 +138,19 @@ pub async fn follow_thresholds(
         }
     };
     loop {
-        let value = rx.borrow_and_update().clone();
-        if let Some(value) = value {
-            match serde_json::from_value::<DisaggThresholds>(value) {
+        match rx.borrow_and_update().clone() {
+            None => {}
+            // serde would also read `[1, 2]` as the two thresholds in order.
+            Some(value) if !value.is_object() => {
+                tracing::warn!("ignoring `{key}`: {value} is not an object of thresholds")
+            }
+            Some(value) => match serde_json::from_value::<DisaggThresholds>(value) {
                 Ok(t) => {
                     tracing::info!(?t, "disaggregation thresholds updated");
                     state.set_thresholds(t);
                 }
                 Err(e) => tracing::warn!("ignoring `{key}`: {e}"),
-            }
+            },
         }
         if rx.changed().await.is_err() {
             return;

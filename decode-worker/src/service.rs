@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use kv_transfer::KvSink;
 use runtime::discovery::{EndpointId, InstanceSpec, Registration};
+use runtime::dropped::{self, DropWarnings};
 use runtime::event_plane::EventPlane;
 use runtime::kv_event::{KvEvent, KvStateQuery, WorkerKvEvent, KV_STATE_KEY};
 use runtime::protocol::{
@@ -29,6 +30,12 @@ use crate::kv_state::{KvState, KV_RING_EVENTS};
 use crate::remote_prefill::{record, Expiry, Outcome, RemotePrefills};
 
 pub use runtime::protocol::KV_TRANSFER_KEY;
+
+/// Requests that do not parse are answered with an error frame and logged, rate-limited: any
+/// NATS client can send them.
+static MALFORMED_REQUEST: DropWarnings = DropWarnings::new("a malformed generate request");
+static MALFORMED_KV_QUERY: DropWarnings = DropWarnings::new("a malformed KV state query");
+static MALFORMED_NOTICE: DropWarnings = DropWarnings::new("a malformed prefill notice");
 
 /// How often the prefill queue's length is read for the disaggregation rule.
 pub const QUEUE_POLL: Duration = Duration::from_millis(100);
@@ -272,9 +279,10 @@ async fn serve_kv_state(state: Arc<Mutex<KvState>>, mut queries: mpsc::Receiver<
         mut response,
     }) = queries.recv().await
     {
-        let query: KvStateQuery = match serde_json::from_slice(&payload) {
+        let query: KvStateQuery = match dropped::decode(&payload) {
             Ok(q) => q,
             Err(e) => {
+                MALFORMED_KV_QUERY.warn(&e);
                 let _ = response
                     .error(format!("malformed KV state query: {e}"))
                     .await;
@@ -317,12 +325,15 @@ async fn serve_notices(table: Arc<RemotePrefills>, mut notices: mpsc::Receiver<I
         mut response,
     }) = notices.recv().await
     {
-        let reply = match serde_json::from_slice::<PrefillNotice>(&payload) {
+        let reply = match dropped::decode::<PrefillNotice>(&payload) {
             Ok(notice) => table.notice(notice),
-            Err(e) => NoticeReply {
-                accepted: false,
-                reason: Some(format!("malformed prefill notice: {e}")),
-            },
+            Err(e) => {
+                MALFORMED_NOTICE.warn(&e);
+                NoticeReply {
+                    accepted: false,
+                    reason: Some(format!("malformed prefill notice: {e}")),
+                }
+            }
         };
         let bytes = serde_json::to_vec(&reply).expect("protocol types serialize");
         if response.data(bytes).await.is_ok() {
@@ -450,9 +461,10 @@ async fn handle(
         payload,
         mut response,
     } = incoming;
-    let request: GenerateRequest = match serde_json::from_slice(&payload) {
+    let request: GenerateRequest = match dropped::decode(&payload) {
         Ok(r) => r,
         Err(e) => {
+            MALFORMED_REQUEST.warn(&e);
             let _ = response
                 .error(format!("malformed generate request: {e}"))
                 .await;

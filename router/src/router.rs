@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use runtime::block_hash::block_hashes;
 use runtime::discovery::{DiscoveryEvent, EndpointId, Instance};
+use runtime::dropped::{self, DropWarnings};
 use runtime::kv_event::WorkerKvEvent;
 use runtime::protocol::{GenerateRequest, WorkerLoad};
 use runtime::request_plane::{RequestPlane, RequestPlaneError, ResponseStream};
@@ -21,6 +22,12 @@ use crate::load_book::{LoadBook, LoadGuard, RouterLoadReport, SHARE_HEARTBEAT};
 use crate::metrics::{RouterMetrics, WorkerLabels};
 use crate::policy::{Candidate, RouteContext, RoutingPolicy, Selection};
 use crate::stream::RoutedStream;
+
+/// Event-plane messages that do not parse: anyone who reaches NATS can publish on these
+/// subjects, so each is dropped with a rate-limited warning.
+static MALFORMED_LOAD: DropWarnings = DropWarnings::new("a malformed load report");
+static MALFORMED_KV_EVENT: DropWarnings = DropWarnings::new("a malformed KV event");
+static MALFORMED_ROUTER_LOAD: DropWarnings = DropWarnings::new("a malformed router load report");
 
 /// How the router hashes prompts, learns the workers' caches, waits for workers and moves
 /// requests that lost theirs.
@@ -146,9 +153,11 @@ impl Router {
             let shared = shared.clone();
             tokio::spawn(async move {
                 while let Some(bytes) = load_reports.recv().await {
-                    match serde_json::from_slice::<WorkerLoad>(&bytes) {
+                    match dropped::decode::<WorkerLoad>(&bytes) {
                         Ok(load) => shared.record_load(load),
-                        Err(e) => tracing::warn!("dropping a malformed load report: {e}"),
+                        Err(e) => {
+                            MALFORMED_LOAD.warn(e);
+                        }
                     }
                 }
             })
@@ -157,9 +166,11 @@ impl Router {
             let kv = shared.kv.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some(bytes) = kv_events.recv().await {
-                    match serde_json::from_slice::<WorkerKvEvent>(&bytes) {
+                    match dropped::decode::<WorkerKvEvent>(&bytes) {
                         Ok(event) => kv.on_event(event),
-                        Err(e) => tracing::warn!("dropping a malformed KV event: {e}"),
+                        Err(e) => {
+                            MALFORMED_KV_EVENT.warn(e);
+                        }
                     }
                 }
             }));
@@ -168,9 +179,11 @@ impl Router {
             let book = shared.book.clone();
             tokio::spawn(async move {
                 while let Some(bytes) = peer_reports.recv().await {
-                    match serde_json::from_slice::<RouterLoadReport>(&bytes) {
+                    match dropped::decode::<RouterLoadReport>(&bytes) {
                         Ok(report) => book.record_peer(report),
-                        Err(e) => tracing::warn!("dropping a malformed router load report: {e}"),
+                        Err(e) => {
+                            MALFORMED_ROUTER_LOAD.warn(e);
+                        }
                     }
                 }
             })

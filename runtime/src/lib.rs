@@ -8,6 +8,7 @@
 
 pub mod block_hash;
 pub mod discovery;
+pub mod dropped;
 pub mod event_plane;
 pub mod kv_event;
 pub mod planes;

@@ -557,20 +557,20 @@ impl Watcher {
             }
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
-                let key = String::from_utf8_lossy(kv.key());
-                let Some(id) = instance_id(&key) else {
-                    warn!("ignoring etcd key `{key}`: last segment is not a hex instance id");
-                    continue;
-                };
                 let sent = match event.event_type() {
-                    EventType::Put => match serde_json::from_slice::<Instance>(kv.value()) {
-                        Ok(instance) => self.put(id, instance),
-                        Err(e) => {
-                            warn!("ignoring etcd key `{key}`: value is not an instance: {e}");
-                            true
+                    EventType::Put => match registered_instance(kv) {
+                        Ok((id, instance)) => self.put(id, instance),
+                        Err(why) => {
+                            warn!("{why}");
+                            // A key that held an instance and now holds garbage: it is gone.
+                            instance_id(&String::from_utf8_lossy(kv.key()))
+                                .is_none_or(|id| self.delete(id))
                         }
                     },
-                    EventType::Delete => self.delete(id),
+                    EventType::Delete => match instance_id(&String::from_utf8_lossy(kv.key())) {
+                        Some(id) => self.delete(id),
+                        None => true,
+                    },
                 };
                 if !sent {
                     return Ok(Stop);
@@ -639,19 +639,43 @@ fn instance_id(key: &str) -> Option<u64> {
 fn parse_instances(kvs: &[etcd_client::KeyValue]) -> HashMap<u64, Instance> {
     let mut out = HashMap::new();
     for kv in kvs {
-        let key = String::from_utf8_lossy(kv.key());
-        let Some(id) = instance_id(&key) else {
-            warn!("ignoring etcd key `{key}`: last segment is not a hex instance id");
-            continue;
-        };
-        match serde_json::from_slice::<Instance>(kv.value()) {
-            Ok(instance) => {
+        match registered_instance(kv) {
+            Ok((id, instance)) => {
                 out.insert(id, instance);
             }
-            Err(e) => warn!("ignoring etcd key `{key}`: value is not an instance: {e}"),
+            Err(why) => warn!("{why}"),
         }
     }
     out
+}
+
+/// The instance a key holds, if it is one that [`EtcdDiscovery::register`] could have written:
+/// the key ends in the instance id, is held by the lease of that id, and its value is an
+/// instance of that id whose own key is this one. Anything else (a stray or hand-written key,
+/// a value of the wrong shape) would be routed to as a worker that does not exist, or never
+/// leave when its writer dies. The error says which key and why.
+fn registered_instance(kv: &etcd_client::KeyValue) -> std::result::Result<(u64, Instance), String> {
+    let key = String::from_utf8_lossy(kv.key());
+    let ignoring = |why: String| format!("ignoring etcd key `{key}`: {why}");
+    let id = instance_id(&key)
+        .ok_or_else(|| ignoring("its last segment is not a hex instance id".into()))?;
+    let instance: Instance = crate::dropped::decode(kv.value())
+        .map_err(|e| ignoring(format!("its value is not an instance: {e}")))?;
+    if instance.endpoint.key(instance.instance_id) != key {
+        return Err(ignoring(format!(
+            "its value describes instance {:x} of `{}`, which belongs under `{}`",
+            instance.instance_id,
+            instance.endpoint.prefix(),
+            instance.endpoint.key(instance.instance_id)
+        )));
+    }
+    if kv.lease() as u64 != id {
+        return Err(ignoring(format!(
+            "it is held by lease {:x}, not by the instance's own lease {id:x}",
+            kv.lease()
+        )));
+    }
+    Ok((id, instance))
 }
 
 /// An etcd client error with its causes: the client's own `Display` drops the inner

@@ -49,6 +49,10 @@ const RESPONSE_BUFFER: usize = 64;
 /// this the subscription's own buffer (64 Ki messages by default) holds the rest.
 const CALLER_BUFFER: usize = 1024;
 const REQUEST_BUFFER: usize = 1024;
+/// Anyone can publish to an address without a reply inbox; each is dropped, the warnings
+/// rate-limited.
+static NO_INBOX: crate::dropped::DropWarnings =
+    crate::dropped::DropWarnings::new("a request without a reply inbox");
 /// Servers of one address share its requests (addresses are per instance, so this only matters
 /// if an instance id were ever served twice).
 const QUEUE_GROUP: &str = "baton";
@@ -170,7 +174,7 @@ impl RequestPlane for NatsRequestPlane {
                     _ = tx.closed() => break,
                 };
                 let Some(inbox) = message.reply else {
-                    tracing::warn!(%address, "dropping a request without a reply inbox");
+                    NO_INBOX.warn(format_args!("sent to `{address}`"));
                     continue;
                 };
                 match accept(&client, inbox, message.payload.to_vec()).await {
