@@ -4,7 +4,8 @@
 //! Empty, random, truncated, wrongly shaped, deeply nested and near-1 MB payloads go to the
 //! event-plane subjects (`load`, `kv_events`, `router_load`), the worker's request-plane
 //! addresses (generate, KV state, prefill notices; with and without a reply inbox) and the
-//! JetStream prefill queue; etcd gets keys under the instance prefix that are not hex, not
+//! JetStream prefill queue, and well-formed generate requests with values no frontend sends (a
+//! token outside the vocabulary, 2^64 − 1 `max_tokens`) are refused; etcd gets keys under the instance prefix that are not hex, not
 //! JSON, an instance with a wrongly typed field, a well-formed instance without a lease, one
 //! whose value names another id, and a garbage disaggregation setting. Afterwards every process
 //! is alive, `/health` still counts one worker, chat completions still return their tokens,
@@ -252,6 +253,37 @@ async fn garbage_on_the_planes_and_in_etcd_is_logged_and_dropped() {
             );
         }
     }
+    // Well-formed generate requests with values no frontend sends: refused (a `rejected` data
+    // frame or an error frame), or — the overlap is only a hint — served.
+    for (what, request) in [
+        (
+            "a token outside the vocabulary",
+            json!({"request_id": "v", "token_ids": [u32::MAX], "sampling": {"max_tokens": 2}}),
+        ),
+        (
+            "an empty prompt",
+            json!({"request_id": "e", "token_ids": [], "sampling": {}}),
+        ),
+        (
+            "2^64 - 1 tokens",
+            json!({"request_id": "m", "token_ids": [1, 2], "sampling": {"max_tokens": u64::MAX}}),
+        ),
+        (
+            "bad sampling",
+            json!({"request_id": "s", "token_ids": [1, 2], "sampling": {"temperature": -1.0, "top_p": 5.0}}),
+        ),
+        (
+            "a huge overlap",
+            json!({"request_id": "o", "token_ids": [1, 2], "sampling": {"max_tokens": 2}, "router_overlap_blocks": u64::MAX}),
+        ),
+    ] {
+        let answer = ask(&nats, &worker, request.to_string().into_bytes()).await;
+        let body = String::from_utf8_lossy(answer.get(9..).unwrap_or_default());
+        let served = answer[0] == 0 && body.contains("\"tokens\"");
+        let refused = answer[0] == 1 || (answer[0] == 0 && body.contains("rejected"));
+        assert!(served || refused, "{what}: {answer:?} / {body}");
+        assert_eq!(served, what == "a huge overlap", "{what}: {body}");
+    }
     // Shapes that parse but mean nothing: a job for a request nobody waits for, sent to the
     // worker's real notice address; a load report for an unknown worker; a KV event from one.
     let job = json!({"request_id": "nobody", "decode_instance": 1, "notice_address": addresses[2],
@@ -322,15 +354,15 @@ async fn garbage_on_the_planes_and_in_etcd_is_logged_and_dropped() {
     for _ in 0..3 {
         assert_eq!(chat_tokens(&base).await, 8, "after the garbage");
     }
-    // All four prompts were prefilled by the prefill worker, none locally after a fallback
-    // (the counts ride on the worker's load reports, so they arrive within a second or so).
+    // The four chats and the one served raw request were all prefilled by the prefill worker,
+    // none locally after a fallback (the counts ride on the worker's load reports).
     let (remote, metrics) = wait_for(PATIENCE, || async {
         let (_, text) = get_text(&client(), &format!("{base}/metrics")).await;
         let remote = metric(&text, "baton_prefill_total{where=\"remote\"}");
-        (remote == Some(4.0), text)
+        (remote == Some(5.0), text)
     })
     .await;
-    assert!(remote, "four remote prefills:\n{metrics}");
+    assert!(remote, "five remote prefills:\n{metrics}");
     assert_eq!(
         metric(&metrics, "baton_prefill_total{where=\"local\"}").unwrap_or(0.0),
         0.0

@@ -190,7 +190,12 @@ impl Engine {
             return Err(AdmissionError::TokenOutOfVocab { token, vocab_size });
         }
         req.params.validate()?;
-        let total = req.prompt_token_ids.len() + req.params.max_tokens;
+        // Saturating: `max_tokens` comes off the request plane as any u64, and a wrapped sum
+        // would admit a request of 2^64 - 1 tokens as one of 1.
+        let total = req
+            .prompt_token_ids
+            .len()
+            .saturating_add(req.params.max_tokens);
         if total > self.config.max_context {
             return Err(AdmissionError::ContextExceeded {
                 prompt_tokens: req.prompt_token_ids.len(),

@@ -36,6 +36,12 @@ fn bad_requests_are_refused_with_a_named_reason_and_leave_nothing_allocated() {
             &["30 tokens", "`max_tokens` 11", "context of 40"],
         ),
         (
+            // The sum with the prompt wrapped to 29 before, which fit.
+            "max_tokens of usize::MAX",
+            request("wrap", prompt(1, 30), SamplingParams::greedy(usize::MAX)),
+            &["30 tokens", "`max_tokens` 18446744073709551615"],
+        ),
+        (
             "negative temperature",
             request(
                 "hot",
@@ -75,6 +81,14 @@ fn bad_requests_are_refused_with_a_named_reason_and_leave_nothing_allocated() {
                     AdmissionError::ContextExceeded {
                         prompt_tokens: 30,
                         max_tokens: 11,
+                        context: 40
+                    }
+                ),
+                "max_tokens of usize::MAX" => matches!(
+                    err,
+                    AdmissionError::ContextExceeded {
+                        prompt_tokens: 30,
+                        max_tokens: usize::MAX,
                         context: 40
                     }
                 ),
