@@ -237,7 +237,7 @@ pub async fn load_model(settings: &Resolved) -> Result<SharedModel> {
     spinner.enable_steady_tick(Duration::from_millis(100));
     let loaded = tokio::task::spawn_blocking(move || {
         let loaded = loader::load(&model).with_context(|| format!("loading `{model}`"))?;
-        SharedModel::new(loaded, kind, device).map_err(anyhow::Error::from)
+        SharedModel::new(loaded, kind, device).with_context(|| format!("loading `{model}`"))
     })
     .await
     .context("the model loading task failed")?;

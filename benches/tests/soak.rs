@@ -161,6 +161,13 @@ fn a_stalled_decode_worker_times_out_its_streams_and_leaves_routing() {
     assert!(r.failed > 0, "its streams end rather than hang");
     for f in &r.failures {
         assert!(f.failed_clearly(), "with an error: {f:?}");
+        // One sent to it after it stalled waits for an acceptance that never comes; when its
+        // lease ends the router sends it elsewhere (a stream that began cannot move: no
+        // migration here).
+        assert!(
+            f.content_chunks > 0,
+            "only streams that had begun fail; one waiting to be accepted moves: {f:?}"
+        );
         assert!(
             f.start_s < fault.at_s + left + 1.0,
             "requests after it left routing complete: {f:?}"

@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 use engine::Request;
 use kv_transfer::{connect, BackendChoice, KvDescriptor, KvTransfer};
 use runtime::discovery::{decode_worker_endpoint, DiscoveryEvent, Instance};
+use runtime::dropped::DropWarnings;
 use runtime::protocol::{NoticeReply, PrefillNotice, RemotePrefillRequest, KV_TRANSFER_KEY};
 use runtime::request_plane::RequestPlane;
 use runtime::work_queue::{Job, WorkQueue};
 use runtime::Planes;
+
+static MALFORMED_JOBS: DropWarnings = DropWarnings::new("a malformed prefill job");
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -143,10 +146,11 @@ impl Consumer {
     }
 
     async fn handle(&self, job: Job) {
-        let request: RemotePrefillRequest = match serde_json::from_slice(&job.payload) {
+        let request: RemotePrefillRequest = match runtime::dropped::decode(&job.payload) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!("dropping a malformed prefill job: {e}");
+                // Rate-limited: anyone who can publish on the queue could flood the log.
+                MALFORMED_JOBS.warn(e);
                 let _ = job.ack().await;
                 return;
             }

@@ -36,10 +36,15 @@ pub enum RouterError {
     Lost(String),
     #[error("malformed worker response: {0}")]
     Malformed(String),
-    /// The chosen worker's address had no server (it died, or has not re-subscribed yet);
-    /// the stream retries elsewhere, avoiding it.
-    #[error("worker {instance_id:x} is not serving its address `{address}`")]
-    Vanished { instance_id: u64, address: String },
+    /// The chosen worker did not take the request: its address had no server (it died, or
+    /// has not re-subscribed yet), it left discovery while the request waited to be accepted
+    /// (a stalled process), or it never accepted it. The stream retries elsewhere, avoiding it.
+    #[error("worker {instance_id:x} did not take the request at `{address}`: {reason}")]
+    Vanished {
+        instance_id: u64,
+        address: String,
+        reason: String,
+    },
     #[error(transparent)]
     RequestPlane(RequestPlaneError),
     #[error(transparent)]

@@ -80,9 +80,10 @@ impl LoadBook {
         for (heard, workers) in books.peers.values() {
             if now.duration_since(*heard) < PEER_EXPIRY {
                 if let Some(c) = workers.get(&worker) {
-                    total.active_requests += c.active_requests;
-                    total.prefill_tokens += c.prefill_tokens;
-                    total.active_blocks += c.active_blocks;
+                    // Peer reports are untrusted input: saturate rather than wrap.
+                    total.active_requests = total.active_requests.saturating_add(c.active_requests);
+                    total.prefill_tokens = total.prefill_tokens.saturating_add(c.prefill_tokens);
+                    total.active_blocks = total.active_blocks.saturating_add(c.active_blocks);
                 }
             }
         }

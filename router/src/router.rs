@@ -452,7 +452,13 @@ impl Shared {
             ..request.clone()
         })
         .expect("protocol types serialize");
-        match self.plane.request(&address, payload).await {
+        // A stalled worker never accepts: waiting for it must end when its lease does, not
+        // only after the plane's silence timeout. (The plane cancels a late acceptance.)
+        let requested = tokio::select! {
+            r = self.plane.request(&address, payload) => r,
+            _ = gone.cancelled() => Err(RequestPlaneError::Cancelled),
+        };
+        match requested {
             Ok(stream) => Ok(Dispatch {
                 selection,
                 stream,
@@ -461,11 +467,17 @@ impl Shared {
             }),
             Err(e) => {
                 self.policy.on_finish(&request.request_id, worker);
+                let vanished = |reason: &str| RouterError::Vanished {
+                    instance_id: worker,
+                    address: address.clone(),
+                    reason: reason.to_string(),
+                };
                 Err(match e {
-                    RequestPlaneError::NoSuchAddress(address) => RouterError::Vanished {
-                        instance_id: worker,
-                        address,
-                    },
+                    RequestPlaneError::NoSuchAddress(_) => vanished("nothing serves it"),
+                    RequestPlaneError::Cancelled => {
+                        vanished("it left discovery before accepting it")
+                    }
+                    e @ RequestPlaneError::Silent(_) => vanished(&e.to_string()),
                     e => RouterError::RequestPlane(e),
                 })
             }

@@ -95,8 +95,9 @@ impl RoutedStream {
                 Err(RouterError::Vanished {
                     instance_id,
                     address,
+                    reason,
                 }) if self.retries_left > 0 => {
-                    tracing::warn!(request = %self.request.request_id, %address, "worker address vanished; routing elsewhere");
+                    tracing::warn!(request = %self.request.request_id, %address, %reason, "worker did not take the request; routing elsewhere");
                     self.retries_left -= 1;
                     // Until its lease ends the dead worker is still a candidate, and the
                     // policy may well like it best (it reports no load): avoid it.
