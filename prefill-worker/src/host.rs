@@ -76,15 +76,17 @@ impl PrefillHost {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
+            // The job in a send error is of no use once the engine thread is gone.
             .map(|tx| {
                 tx.send(Job {
                     request,
                     from_block,
                     reply,
                 })
+                .is_ok()
             });
         match sent {
-            Some(Ok(())) => rx.await.map_err(|_| PrefillError::EngineStopped)?,
+            Some(true) => rx.await.map_err(|_| PrefillError::EngineStopped)?,
             _ => Err(PrefillError::EngineStopped),
         }
     }
