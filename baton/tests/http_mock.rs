@@ -8,24 +8,8 @@ mod common;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{client, get_text, metric, once_server, post_json, Server};
+use common::{client, get_text, metric, mock_server, once_server, post_json, Server};
 use serde_json::json;
-
-fn mock() -> &'static Server {
-    static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    once_server(
-        &S,
-        "mock",
-        &[
-            "--executor",
-            "mock",
-            "--tensor-parallel-size",
-            "4",
-            "--mock-speedup",
-            "inf",
-        ],
-    )
-}
 
 /// `configs/disagg.yaml` on the mock: one TP4 decode worker, four TP1 prefill workers.
 fn mock_disagg() -> &'static Server {
@@ -53,7 +37,7 @@ async fn the_seed_disagg_config_prefills_remotely_over_the_simulated_link_with_t
     let prompt: Vec<u32> = (0..300).map(|i| 1000 + i * 7).collect();
     let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 12,
                       "ignore_eos": true, "temperature": 0});
-    let (status, agg) = post_json(&client(), &mock().url("/v1/completions"), &body).await;
+    let (status, agg) = post_json(&client(), &mock_server().url("/v1/completions"), &body).await;
     assert_eq!(status, 200, "{agg}");
     let s = mock_disagg();
     let (status, disagg) = post_json(&client(), &s.url("/v1/completions"), &body).await;
@@ -89,7 +73,7 @@ async fn the_seed_disagg_config_prefills_remotely_over_the_simulated_link_with_t
 
 #[tokio::test]
 async fn the_mock_serves_exact_lengths_and_replays_the_same_text() {
-    let s = mock();
+    let s = mock_server();
     let body = json!({"model": "smollm2", "prompt": "Tell me about GPUs", "max_tokens": 40,
                       "ignore_eos": true, "temperature": 0});
     let (status, first) = post_json(&client(), &s.url("/v1/completions"), &body).await;

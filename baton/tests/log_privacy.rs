@@ -3,10 +3,8 @@
 //! in every place a user can put it (messages, prompt, stop, model, the key itself), and its
 //! log — read after it stopped — has none of the marks, while it does hold its usual lines.
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::Duration;
 
 use serde_json::json;
@@ -16,51 +14,19 @@ const MARK: &str = "PROMPTMARK-zebra-4471";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_log_holds_no_key_and_no_prompt_text() {
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("log-privacy-{}.log", std::process::id()));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
-    cmd.args([
-        "serve",
-        "--port",
-        "0",
-        "--executor",
-        "mock",
-        "--mock-speedup",
-        "inf",
-    ])
-    .args(["--api-key", KEY])
-    .env_remove("RUST_LOG")
-    .env_remove("LD_LIBRARY_PATH")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("BATON_") {
-            cmd.env_remove(k);
-        }
-    }
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawn baton serve");
-    let stdout = child.stdout.take().unwrap();
-    let base = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let url = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("baton: listening on ").map(str::to_string));
-        std::thread::spawn(move || for _ in lines {});
-        url
-    })
-    .await
-    .unwrap()
-    .expect("the listening line");
-
+    let (server, exited) = common::spawn_server(
+        "log-privacy",
+        &[
+            "--executor",
+            "mock",
+            "--mock-speedup",
+            "inf",
+            "--api-key",
+            KEY,
+        ],
+    )
+    .expect("baton serve starts");
+    let base = server.base.clone();
     let c = reqwest::Client::new();
     let bearer = format!("Bearer {KEY}");
     let chat = format!("{base}/v1/chat/completions");
@@ -131,15 +97,14 @@ async fn the_default_log_holds_no_key_and_no_prompt_text() {
 
     // SAFETY: signalling our own child.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(server.pid as i32, libc::SIGTERM);
     }
-    let status = tokio::task::spawn_blocking(move || child.wait())
+    let status = tokio::task::spawn_blocking(move || exited.recv_timeout(Duration::from_secs(30)))
         .await
         .unwrap()
-        .unwrap();
+        .expect("it exits on SIGTERM");
     assert!(status.success(), "exits 0 on SIGTERM: {status:?}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let written = std::fs::read_to_string(&log).unwrap();
+    let written = std::fs::read_to_string(&server.log).unwrap();
     assert!(
         written.contains("INFO"),
         "the log has its usual lines at the default level:\n{written}"

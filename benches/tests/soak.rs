@@ -59,6 +59,18 @@ fn soak(config: &SoakConfig) -> SoakReport {
     report
 }
 
+/// The decode worker struck by the run's one fault left the frontend's routing within the lease
+/// TTL (plus the frontend's watch and poll delay); the seconds it took.
+fn left_routing(r: &SoakReport, c: &SoakConfig) -> f64 {
+    let left = r.faults[0].left_routing_after_s.unwrap();
+    assert!(
+        left <= c.lease_ttl as f64 + 3.0,
+        "the worker leaves routing within the lease TTL ({} s): {left} s",
+        c.lease_ttl
+    );
+    left
+}
+
 fn failures_json(r: &SoakReport) -> String {
     serde_json::to_string_pretty(&r.failures).unwrap()
 }
@@ -106,12 +118,7 @@ fn a_killed_decode_worker_loses_no_request_with_migration() {
         "migration saves every stream: {}",
         failures_json(&r)
     );
-    let left = r.faults[0].left_routing_after_s.unwrap();
-    assert!(
-        left <= c.lease_ttl as f64 + 3.0,
-        "the dead worker leaves routing within the lease TTL ({} s): {left} s",
-        c.lease_ttl
-    );
+    left_routing(&r, &c);
 }
 
 #[test]
@@ -133,7 +140,7 @@ fn without_migration_only_the_killed_workers_streams_fail_each_with_an_error_and
         );
     }
     assert!(r.completed > 0);
-    assert!(r.faults[0].left_routing_after_s.unwrap() <= c.lease_ttl as f64 + 3.0);
+    left_routing(&r, &c);
 }
 
 #[test]
@@ -153,11 +160,7 @@ fn a_stalled_decode_worker_times_out_its_streams_and_leaves_routing() {
     c.faults = vec![(Duration::from_secs(6), Fault::StopDecode)];
     let r = soak(&c);
     let fault = &r.faults[0];
-    let left = fault.left_routing_after_s.unwrap();
-    assert!(
-        left <= c.lease_ttl as f64 + 3.0,
-        "it leaves routing: {left} s"
-    );
+    let left = left_routing(&r, &c);
     assert!(r.failed > 0, "its streams end rather than hang");
     for f in &r.failures {
         assert!(f.failed_clearly(), "with an error: {f:?}");

@@ -104,7 +104,9 @@ pub fn spawn_server(
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::from(stderr));
-            // Settings from the environment would change what the tests expect.
+            // Settings from the environment would change what the tests expect (a RUST_LOG
+            // too: the servers log at the default level, as a user's does).
+            cmd.env_remove("RUST_LOG");
             for (k, _) in std::env::vars_os() {
                 if k.to_string_lossy().starts_with("BATON_") {
                     cmd.env_remove(k);

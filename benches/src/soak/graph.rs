@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use test_support::{EtcdServer, NatsServer};
+use test_support::{EtcdServer, LocalProcess, NatsServer};
 use tokio::runtime::Runtime;
 
 use super::{Fault, FaultRecord, SoakConfig};
@@ -219,21 +219,24 @@ impl Graph {
         Ok(())
     }
 
+    /// `probe(pid)` of the frontend and of every live worker, by name (`None`: left out).
+    fn per_live_process<T>(&self, probe: impl Fn(u32) -> Option<T>) -> BTreeMap<String, T> {
+        let workers = self.decode.iter().chain(self.prefill.iter());
+        let live = workers.filter(|w| w.state == State::Alive);
+        std::iter::once(("frontend", self.frontend.pid()))
+            .chain(live.map(|w| (w.name.as_str(), w.proc.pid())))
+            .filter_map(|(name, pid)| Some((name.to_string(), probe(pid)?)))
+            .collect()
+    }
+
     /// VmRSS in KiB of the frontend and of every live worker, by name.
     pub fn rss(&self) -> BTreeMap<String, u64> {
-        let mut out = BTreeMap::new();
-        let mut put = |name: &str, pid: u32| {
-            if let Some(kib) = rss_kib(pid) {
-                out.insert(name.to_string(), kib);
-            }
-        };
-        put("frontend", self.frontend.pid());
-        for w in self.decode.iter().chain(self.prefill.iter()) {
-            if w.state == State::Alive {
-                put(&w.name, w.proc.pid());
-            }
-        }
-        out
+        self.per_live_process(rss_kib)
+    }
+
+    /// The TCP addresses each live Baton process listens on.
+    pub fn listening(&self) -> BTreeMap<String, Vec<String>> {
+        self.per_live_process(|pid| Some(listening(pid)))
     }
 
     pub fn inject(
@@ -291,78 +294,37 @@ impl Graph {
             }
             Fault::RestartNats => {
                 record.target = "nats-server".into();
-                self.nats.stop();
-                std::thread::sleep(self.config.outage);
-                self.nats
-                    .start()
-                    .map_err(|e| GraphError::Io("restarting nats-server".into(), e))?;
+                outage(&mut self.nats, self.config.outage, &record.target)?;
             }
             Fault::RestartEtcd => {
                 record.target = "etcd".into();
-                self.etcd.stop();
-                std::thread::sleep(self.config.outage);
-                self.etcd
-                    .start()
-                    .map_err(|e| GraphError::Io("restarting etcd".into(), e))?;
+                outage(&mut self.etcd, self.config.outage, &record.target)?;
             }
         }
         Ok(record)
     }
 
-    /// Per decode worker (by instance id), the KV blocks in use the frontend last heard of,
-    /// once every one reads 0 or `timeout` has passed (load reports are periodic).
-    pub fn settle_decode_blocks(&self, rt: &Runtime, timeout: Duration) -> BTreeMap<String, u64> {
+    /// The frontend's `/metrics` page once every decode worker it routes to reads 0 KV blocks
+    /// in use, or the last one read when `timeout` has passed (load reports are periodic).
+    pub fn settled_metrics(&self, rt: &Runtime, timeout: Duration) -> String {
         let start = Instant::now();
         rt.block_on(async {
-            let mut last = BTreeMap::new();
+            let mut last = String::new();
             while start.elapsed() < timeout {
-                if let Ok(resp) = self
+                let page = self
                     .client
                     .get(format!("{}/metrics", self.url))
                     .send()
-                    .await
-                {
-                    if let Ok(text) = resp.text().await {
-                        last = worker_gauges(&text, "baton_worker_kv_blocks_used");
-                        if last.values().all(|&v| v == 0) {
-                            break;
-                        }
+                    .await;
+                if let Ok(text) = async { page?.text().await }.await {
+                    last = text;
+                    if decode_blocks(&last).values().all(|&v| v == 0) {
+                        break;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             last
-        })
-    }
-
-    /// The TCP addresses each live Baton process listens on.
-    pub fn listening(&self) -> BTreeMap<String, Vec<String>> {
-        let mut out = BTreeMap::new();
-        out.insert("frontend".to_string(), listening(self.frontend.pid()));
-        for w in self.decode.iter().chain(self.prefill.iter()) {
-            if w.state == State::Alive {
-                out.insert(w.name.clone(), listening(w.proc.pid()));
-            }
-        }
-        out
-    }
-
-    /// Prefills the live decode workers sent to prefill workers, by the frontend's metrics.
-    pub fn remote_prefills(&self, rt: &Runtime) -> f64 {
-        rt.block_on(async {
-            let Ok(resp) = self
-                .client
-                .get(format!("{}/metrics", self.url))
-                .send()
-                .await
-            else {
-                return 0.0;
-            };
-            let text = resp.text().await.unwrap_or_default();
-            text.lines()
-                .filter(|l| l.starts_with("baton_prefill_total{") && l.contains("remote"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
         })
     }
 
@@ -383,6 +345,15 @@ impl Graph {
         self.frontend.stop();
         out
     }
+}
+
+/// Stops `server` for `down`, then starts it again on the same port with the same data.
+fn outage(server: &mut LocalProcess, down: Duration, what: &str) -> Result<(), GraphError> {
+    server.stop();
+    std::thread::sleep(down);
+    server
+        .start()
+        .map_err(|e| GraphError::Io(format!("restarting {what}"), e))
 }
 
 fn wait_for_log(proc: &mut Proc, needle: &str) -> Result<(), GraphError> {
@@ -443,6 +414,20 @@ fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Per decode worker (by instance id), the KV blocks in use on a `/metrics` page.
+pub fn decode_blocks(metrics: &str) -> BTreeMap<String, u64> {
+    worker_gauges(metrics, "baton_worker_kv_blocks_used")
+}
+
+/// Prefills the live decode workers sent to prefill workers, on a `/metrics` page.
+pub fn remote_prefills(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("baton_prefill_total{") && l.contains("remote"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// `name{worker="…"} value` lines of a Prometheus text page, by worker.

@@ -11,6 +11,7 @@ mod graph;
 pub mod load;
 mod report;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -150,13 +151,9 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, GraphError> {
     faults.sort_by_key(|(at, _)| *at);
     let mut records = Vec::new();
     let mut rss_warm = None;
-    let sample_every = Duration::from_secs(2);
-    let mut rss_max = graph.rss();
+    let mut rss_max = BTreeMap::new();
     while !load.is_finished() {
         let now = t0.elapsed();
-        if rss_warm.is_none() && now >= config.warmup {
-            rss_warm = Some(graph.rss());
-        }
         if let Some(&(at, fault)) = faults.first() {
             if now >= at {
                 faults.remove(0);
@@ -164,19 +161,24 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, GraphError> {
                 continue;
             }
         }
-        for (name, kib) in graph.rss() {
-            let e = rss_max.entry(name).or_insert(0);
-            *e = (*e).max(kib);
+        let rss = graph.rss();
+        for (name, kib) in &rss {
+            let e = rss_max.entry(name.clone()).or_insert(0);
+            *e = (*e).max(*kib);
+        }
+        if rss_warm.is_none() && now >= config.warmup {
+            rss_warm = Some(rss);
         }
         graph.check_alive()?;
-        std::thread::sleep(sample_every.min(Duration::from_millis(250)));
+        std::thread::sleep(Duration::from_millis(250));
     }
     let rss_end = graph.rss();
     let listening = graph.listening();
     let rss_warm = rss_warm.unwrap_or_else(|| rss_end.clone());
     let load_s = t0.elapsed().as_secs_f64();
-    let decode_blocks = graph.settle_decode_blocks(&rt, Duration::from_secs(20));
-    let remote_prefills = graph.remote_prefills(&rt);
+    let metrics = graph.settled_metrics(&rt, Duration::from_secs(20));
+    let decode_blocks = graph::decode_blocks(&metrics);
+    let remote_prefills = graph::remote_prefills(&metrics);
     let stop_blocks = graph.stop_workers();
     let logs = std::mem::take(&mut *logs.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(SoakReport::new(
