@@ -31,6 +31,8 @@ pub struct EngineOptions {
     pub enable_prefix_caching: bool,
     /// Caps the model's own context length.
     pub max_model_len: Option<usize>,
+    /// Decode steps on CPU through Baton's own kernels (`false`: libtorch ops, as prefill).
+    pub cpu_kernels: bool,
     /// Where the block manager reports Stored/Removed/Cleared (the worker forwards them to the
     /// event plane); `None` keeps them in the engine.
     pub kv_events: Option<Sender<KvEvent>>,
@@ -48,6 +50,7 @@ impl Default for EngineOptions {
             max_num_batched_tokens: 2048,
             enable_prefix_caching: true,
             max_model_len: None,
+            cpu_kernels: true,
             kv_events: None,
         }
     }
@@ -227,13 +230,14 @@ impl SharedModel {
 
 /// An engine over `model` with a new KV cache of `num_blocks` (in `memory` when given).
 fn engine_over(
-    model: Llama,
+    mut model: Llama,
     num_blocks: usize,
     card: ModelCard,
     opts: &EngineOptions,
     memory: Option<Arc<dyn KvMemory>>,
 ) -> Result<(Engine, ModelCard)> {
     let kind = model.kind();
+    model.use_cpu_kernels(opts.cpu_kernels);
     tracing::info!(
         num_blocks,
         block_size = opts.block_size,

@@ -31,6 +31,9 @@ struct Args {
     /// libtorch intra-op threads (0: libtorch's default, one per core).
     #[arg(long, default_value_t = 0)]
     threads: i32,
+    /// Decode steps on Baton's CPU kernels, libtorch ops, or each in turn (`true,false`).
+    #[arg(long, value_delimiter = ',', default_value = "true")]
+    cpu_kernels: Vec<bool>,
 }
 
 fn prompt(rng: &mut rand_chacha::ChaCha8Rng, len: usize, vocab: usize) -> Vec<u32> {
@@ -105,22 +108,35 @@ fn main() -> Result<()> {
         tch::set_num_threads(args.threads);
     }
     let kind = parse_kind(&args.dtype).ok_or_else(|| anyhow::anyhow!("bad --dtype"))?;
+    for &cpu_kernels in &args.cpu_kernels {
+        bench(&args, kind, cpu_kernels)?;
+    }
+    Ok(())
+}
+
+fn bench(args: &Args, kind: tch::Kind, cpu_kernels: bool) -> Result<()> {
     let loaded = loader::load(&args.model)?;
     let vocab = loaded.card.config.vocab_size;
     let opts = EngineOptions {
         kind,
         enable_prefix_caching: false,
         max_num_batched_tokens: 2048.max(args.prefill_len),
+        cpu_kernels,
         ..EngineOptions::default()
     };
     let (mut engine, card) = build_engine(loaded, &opts)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     println!(
-        "model {} ({} params), dtype {}, libtorch threads {}",
+        "model {} ({} params), dtype {}, libtorch threads {}, decode on {}",
         card.name,
         card.config.num_parameters(),
         args.dtype,
-        tch::get_num_threads()
+        tch::get_num_threads(),
+        if cpu_kernels {
+            "Baton's CPU kernels"
+        } else {
+            "libtorch ops"
+        }
     );
     // A decode step reads every weight once (the tied embedding as the LM head); the
     // embedding lookup itself only touches B rows.

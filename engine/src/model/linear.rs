@@ -90,6 +90,15 @@ impl Linear {
         }
     }
 
+    /// The weight as `[out, in]` (a view, no copy), unless it is FP8.
+    pub fn dense_out_in(&self) -> Option<Tensor> {
+        match self {
+            Linear::Dense { weight } => Some(weight.shallow_clone()),
+            Linear::DenseT { weight_t } => Some(weight_t.tr()),
+            Linear::Fp8 { .. } => None,
+        }
+    }
+
     /// Bytes of weight read per forward step (for bandwidth arithmetic).
     pub fn weight_bytes(&self) -> usize {
         let t = match self {

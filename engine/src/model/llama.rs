@@ -1,9 +1,13 @@
 //! Llama weights and the forward step: RMSNorm, fused QKV with RoPE, paged GQA attention,
 //! SwiGLU MLP, tied or untied LM head.
 
+use std::cell::OnceCell;
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
 use super::attention::AttentionPlan;
+use super::cpu::{DecodeKernels, DecodeWeights, Isa, LayerTensors};
 use super::linear::Linear;
 use super::rope::{self, Rope};
 use super::{ForwardBatch, SeqChunk};
@@ -31,6 +35,13 @@ pub struct Llama {
     /// `[vocab, hidden]` projection; a copy of the embedding when tied.
     lm_head: Linear,
     rope: Rope,
+    /// The decode kernels' copy of the weights (CPU, bf16 or f32).
+    decode_weights: Option<Arc<DecodeWeights>>,
+    /// Whether single-token chunks go to the kernels (see [`Llama::use_cpu_kernels`]).
+    cpu_kernels: bool,
+    /// This handle's kernel threads, started at its first decode step, on the engine thread
+    /// (so they match that thread's libtorch thread count).
+    kernels: OnceCell<DecodeKernels>,
 }
 
 impl Llama {
@@ -80,6 +91,10 @@ impl Llama {
         };
         let lm_head = Linear::fused(vec![lm_head], kind, device);
         let rope = Rope::new(config, config.max_position_embeddings, device);
+        let decode_weights = (device == Device::Cpu)
+            .then(|| decode_weights(config, kind, &embed, &layers, &norm, &lm_head, &rope))
+            .flatten()
+            .map(Arc::new);
         Ok(Llama {
             config: config.clone(),
             kind,
@@ -89,7 +104,22 @@ impl Llama {
             norm,
             lm_head,
             rope,
+            decode_weights,
+            cpu_kernels: true,
+            kernels: OnceCell::new(),
         })
+    }
+
+    /// Routes decode steps to the CPU kernels (the default where they exist) or keeps every
+    /// step on libtorch ops (`false`: the reference the kernels are tested and measured
+    /// against).
+    pub fn use_cpu_kernels(&mut self, on: bool) {
+        self.cpu_kernels = on;
+    }
+
+    /// The instruction set decode steps run on when they go to the CPU kernels.
+    pub fn cpu_kernels_isa(&self) -> Option<Isa> {
+        (self.cpu_kernels && self.decode_weights.is_some()).then(Isa::detect)
     }
 
     /// Another handle on the same weights: the tensors share storage, so workers in one process
@@ -116,6 +146,9 @@ impl Llama {
             norm: self.norm.shallow_clone(),
             lm_head: self.lm_head.share(),
             rope: self.rope.share(),
+            decode_weights: self.decode_weights.clone(),
+            cpu_kernels: self.cpu_kernels,
+            kernels: OnceCell::new(),
         }
     }
 
@@ -158,14 +191,65 @@ impl Llama {
     /// `[num_samples, vocab]`, one row per chunk with `sample`, in chunk order.
     pub fn forward(&self, batch: &ForwardBatch<'_>, cache: &mut KvCache) -> Tensor {
         let _guard = tch::no_grad_guard();
-        // Single-token chunks go first so attention can batch them.
-        let mut order: Vec<usize> = (0..batch.chunks.len()).collect();
-        order.sort_by_key(|&i| batch.chunks[i].tokens.len() > 1);
-        let chunks: Vec<&SeqChunk<'_>> = order.iter().map(|&i| &batch.chunks[i]).collect();
+        let weights = self.decode_weights.as_ref().filter(|_| self.cpu_kernels);
+        let Some(weights) = weights else {
+            return self.forward_torch(&batch.chunks.iter().collect::<Vec<_>>(), cache);
+        };
+        let (decodes, others): (Vec<usize>, Vec<usize>) =
+            (0..batch.chunks.len()).partition(|&i| batch.chunks[i].tokens.len() == 1);
+        let decode_chunks: Vec<&SeqChunk<'_>> = decodes.iter().map(|&i| &batch.chunks[i]).collect();
+        if decode_chunks.is_empty() || !DecodeKernels::accepts(weights, &decode_chunks, cache) {
+            return self.forward_torch(&batch.chunks.iter().collect::<Vec<_>>(), cache);
+        }
+        let kernels = self.kernels.get_or_init(|| {
+            let k = DecodeKernels::new(tch::get_num_threads().max(1) as usize, Isa::detect());
+            tracing::info!(
+                isa = k.isa().name(),
+                threads = k.threads(),
+                weight_copy_mib = weights.bytes() >> 20,
+                "decode steps run on the CPU kernels"
+            );
+            k
+        });
+        let vocab = self.config.vocab_size as i64;
+        let rows = kernels.forward(weights, &decode_chunks, cache);
+        let decoded = Tensor::from_slice(&rows).view([-1, vocab]);
+        if others.is_empty() {
+            return decoded;
+        }
+        // A mixed step: prefill chunks through libtorch, then the rows back in chunk order.
+        let other_chunks: Vec<&SeqChunk<'_>> = others.iter().map(|&i| &batch.chunks[i]).collect();
+        let prefilled = self.forward_torch(&other_chunks, cache);
+        let sampled = |idx: &[usize]| -> Vec<usize> {
+            idx.iter()
+                .copied()
+                .filter(|&i| batch.chunks[i].sample)
+                .collect()
+        };
+        let (sd, so) = (sampled(&decodes), sampled(&others));
+        let mut order: Vec<(usize, i64)> = Vec::with_capacity(sd.len() + so.len());
+        order.extend(sd.iter().enumerate().map(|(r, &i)| (i, r as i64)));
+        order.extend(
+            so.iter()
+                .enumerate()
+                .map(|(r, &i)| (i, (sd.len() + r) as i64)),
+        );
+        order.sort_unstable();
+        let index: Vec<i64> = order.into_iter().map(|(_, r)| r).collect();
+        Tensor::cat(&[decoded, prefilled], 0).index_select(0, &Tensor::from_slice(&index))
+    }
 
-        let mut ids = Vec::with_capacity(batch.num_tokens());
-        let mut positions = Vec::with_capacity(batch.num_tokens());
-        let mut last_row = vec![None; batch.chunks.len()];
+    /// [`Llama::forward`] through libtorch ops only.
+    fn forward_torch(&self, input: &[&SeqChunk<'_>], cache: &mut KvCache) -> Tensor {
+        // Single-token chunks go first so attention can batch them.
+        let mut order: Vec<usize> = (0..input.len()).collect();
+        order.sort_by_key(|&i| input[i].tokens.len() > 1);
+        let chunks: Vec<&SeqChunk<'_>> = order.iter().map(|&i| input[i]).collect();
+
+        let num_tokens: usize = input.iter().map(|c| c.tokens.len()).sum();
+        let mut ids = Vec::with_capacity(num_tokens);
+        let mut positions = Vec::with_capacity(num_tokens);
+        let mut last_row = vec![None; input.len()];
         for (&orig, c) in order.iter().zip(&chunks) {
             ids.extend(c.tokens.iter().map(|&t| t as i64));
             positions.extend((c.context_len..c.context_len + c.tokens.len()).map(|p| p as i64));
@@ -220,4 +304,51 @@ impl Llama {
         let h = self.rms_norm(&x.index_select(0, &rows), &self.norm);
         self.lm_head.forward(&h).to_kind(Kind::Float)
     }
+}
+
+/// The decode kernels' copy of the weights, when every linear is dense.
+fn decode_weights(
+    config: &LlamaConfig,
+    kind: Kind,
+    embed: &Tensor,
+    layers: &[Layer],
+    norm: &Tensor,
+    lm_head: &Linear,
+    rope: &Rope,
+) -> Option<DecodeWeights> {
+    let dense: Option<Vec<[Tensor; 4]>> = layers
+        .iter()
+        .map(|l| {
+            Some([
+                l.qkv.dense_out_in()?,
+                l.o_proj.dense_out_in()?,
+                l.gate_up.dense_out_in()?,
+                l.down.dense_out_in()?,
+            ])
+        })
+        .collect();
+    let dense = dense?;
+    let tensors: Vec<LayerTensors<'_>> = layers
+        .iter()
+        .zip(&dense)
+        .map(|(l, [qkv, o_proj, gate_up, down])| LayerTensors {
+            input_norm: &l.input_norm,
+            qkv,
+            o_proj,
+            post_norm: &l.post_norm,
+            gate_up,
+            down,
+        })
+        .collect();
+    let (cos, sin) = rope.tables_f32();
+    DecodeWeights::new(
+        config,
+        kind,
+        embed,
+        &tensors,
+        norm,
+        &lm_head.dense_out_in()?,
+        cos,
+        sin,
+    )
 }

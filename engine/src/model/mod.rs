@@ -3,10 +3,12 @@
 //! mixed — and returns logits only for the chunks that end where a token is to be sampled.
 
 mod attention;
+mod cpu;
 mod linear;
 mod llama;
 pub mod rope;
 
+pub use cpu::Isa;
 pub use linear::Linear;
 pub use llama::Llama;
 

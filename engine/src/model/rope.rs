@@ -90,6 +90,11 @@ impl Rope {
         (cos, sin)
     }
 
+    /// The whole `[max_positions, head_dim]` f32 cos and sin tables.
+    pub fn tables_f32(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     pub fn max_positions(&self) -> usize {
         self.cos.size()[0] as usize
     }

@@ -1,0 +1,64 @@
+//! Which instruction set the CPU kernels run on, detected once per process.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 with BF16 dot products (`vdpbf16ps`): bf16 weights multiply natively.
+    Avx512Bf16,
+    /// AVX-512F: bf16 weights are widened to f32 in registers.
+    Avx512,
+    Avx2,
+    /// Whatever the compile target guarantees (SSE2 on x86-64, NEON on aarch64).
+    Generic,
+}
+
+impl Isa {
+    /// The best variant this CPU runs, or the one `BATON_CPU_ISA` names if the CPU runs it (to
+    /// measure or test a lower one).
+    pub fn detect() -> Isa {
+        let best = Self::best();
+        std::env::var("BATON_CPU_ISA")
+            .ok()
+            .and_then(|name| Self::below(best).into_iter().find(|i| i.name() == name))
+            .unwrap_or(best)
+    }
+
+    fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("fma");
+            if avx512 && std::is_x86_feature_detected!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
+            if avx512 {
+                return Isa::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Generic
+    }
+
+    /// Every variant this CPU can run, best first (the contract tests run each).
+    pub fn available() -> Vec<Isa> {
+        Self::below(Self::best())
+    }
+
+    fn below(best: Isa) -> Vec<Isa> {
+        let all = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Generic];
+        let at = all.iter().position(|&i| i == best).unwrap_or(3);
+        all[at..].to_vec()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Bf16 => "avx512-bf16",
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Generic => "generic",
+        }
+    }
+}
