@@ -136,6 +136,10 @@ pub struct ServeArgs {
     max_model_len: Option<usize>,
     #[arg(long, env = "BATON_NO_PREFIX_CACHING")]
     no_prefix_caching: bool,
+    /// Decode steps on CPU through Baton's own kernels; `false` runs them as libtorch ops, as
+    /// prefill always does (to compare, or if the kernels misbehave on some CPU).
+    #[arg(long, env = "BATON_CPU_KERNELS", default_value_t = true, action = clap::ArgAction::Set)]
+    cpu_kernels: bool,
     /// Seconds Ctrl-C waits for in-flight requests before ending them with an error.
     #[arg(long, env = "BATON_DRAIN_TIMEOUT", default_value_t = 30)]
     pub drain_timeout: u64,
@@ -331,6 +335,7 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             .max_model_len
             .or(worker.max_model_len)
             .or(processor.max_model_len),
+        cpu_kernels: args.cpu_kernels,
         kv_events: None,
     };
     let remote_prefill = args

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::attention::AttentionPlan;
-use super::cpu::{DecodeKernels, DecodeWeights, Isa, LayerTensors};
+use super::cpu::{DecodeKernels, DecodeWeights, Isa, LayerTensors, ModelTensors};
 use super::linear::Linear;
 use super::rope::{self, Rope};
 use super::{ForwardBatch, SeqChunk};
@@ -341,14 +341,14 @@ fn decode_weights(
         })
         .collect();
     let (cos, sin) = rope.tables_f32();
-    DecodeWeights::new(
-        config,
-        kind,
+    let lm_head = lm_head.dense_out_in()?;
+    let tensors = ModelTensors {
         embed,
-        &tensors,
-        norm,
-        &lm_head.dense_out_in()?,
+        layers: tensors,
+        final_norm: norm,
+        lm_head: &lm_head,
         cos,
         sin,
-    )
+    };
+    DecodeWeights::new(config, kind, &tensors)
 }

@@ -157,7 +157,7 @@ fn piece<E: Elem>(
         }
         // SAFETY: the variant was detected on this CPU.
         match isa {
-            Isa::Avx512Bf16 | Isa::Avx512 if cache.head_dim % 16 == 0 => {
+            Isa::Avx512Bf16 | Isa::Avx512 if cache.head_dim.is_multiple_of(16) => {
                 return unsafe { avx512::piece(q, heads, s, blocks, cache, st) };
             }
             Isa::Avx512Bf16 | Isa::Avx512 | Isa::Avx2 => {
@@ -264,9 +264,184 @@ mod avx512 {
         }
     }
 
+    /// Lane j of the result is the sum of `v[j]`'s lanes: 16 dot products finished at once
+    /// (a transpose-and-add tree, not 16 separate horizontal reductions).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    fn sum16(v: &[__m512; 16]) -> __m512 {
+        let mut t = [_mm512_setzero_ps(); 8];
+        for i in 0..8 {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        }
+        let mut u = [_mm512_setzero_ps(); 4];
+        for k in 0..4 {
+            let (c, d) = (_mm512_castps_pd(t[2 * k]), _mm512_castps_pd(t[2 * k + 1]));
+            u[k] = _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)),
+            );
+        }
+        let w01 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(u[0], u[1]),
+            _mm512_shuffle_f32x4::<0xDD>(u[0], u[1]),
+        );
+        let w23 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(u[2], u[3]),
+            _mm512_shuffle_f32x4::<0xDD>(u[2], u[3]),
+        );
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(w01, w23),
+            _mm512_shuffle_f32x4::<0xDD>(w01, w23),
+        )
+    }
+
     /// `head_dim` must be a multiple of 16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     pub unsafe fn piece<E: Elem>(
+        q: &[f32],
+        heads: usize,
+        s: &Query<'_>,
+        blocks: (usize, usize),
+        cache: &CacheLayer<E>,
+        st: &mut [f32],
+    ) {
+        let g = heads / cache.kv_heads;
+        // The accumulators of one KV head's query heads in registers where they fit.
+        unsafe {
+            match (g, cache.head_dim / 16) {
+                (1, 4) => piece_g::<E, 1, 4>(q, heads, s, blocks, cache, st),
+                (2, 4) => piece_g::<E, 2, 4>(q, heads, s, blocks, cache, st),
+                (3, 4) => piece_g::<E, 3, 4>(q, heads, s, blocks, cache, st),
+                (4, 4) => piece_g::<E, 4, 4>(q, heads, s, blocks, cache, st),
+                (1, 8) => piece_g::<E, 1, 8>(q, heads, s, blocks, cache, st),
+                (2, 8) => piece_g::<E, 2, 8>(q, heads, s, blocks, cache, st),
+                (3, 2) => piece_g::<E, 3, 2>(q, heads, s, blocks, cache, st),
+                _ => piece_any(q, heads, s, blocks, cache, st),
+            }
+        }
+    }
+
+    /// Scores of query head `h` against positions `j0..j0 + 16` of a block at `kb`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn scores16<E: Elem>(
+        qh: *const f32,
+        kb: *const E,
+        j0: usize,
+        row_stride: usize,
+        d: usize,
+        scale: f32,
+        out: *mut f32,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for (j, a) in acc.iter_mut().enumerate() {
+            let k = unsafe { kb.add((j0 + j) * row_stride) };
+            for c in (0..d).step_by(16) {
+                unsafe {
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(c)), load(k.add(c)), *a);
+                }
+            }
+        }
+        let r = _mm512_mul_ps(sum16(&acc), _mm512_set1_ps(scale));
+        unsafe { _mm512_storeu_ps(out, r) };
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn piece_g<E: Elem, const G: usize, const DC: usize>(
+        q: &[f32],
+        heads: usize,
+        s: &Query<'_>,
+        blocks: (usize, usize),
+        cache: &CacheLayer<E>,
+        st: &mut [f32],
+    ) {
+        let (d, bs, kvh) = (cache.head_dim, cache.block_size, cache.kv_heads);
+        let row_stride = kvh * d;
+        let scale = 1.0 / (d as f32).sqrt();
+        let (ms, rest) = st.split_at_mut(heads);
+        let (ls, acc) = rest.split_at_mut(heads);
+        ms.fill(f32::NEG_INFINITY);
+        ls.fill(0.0);
+        acc.fill(0.0);
+        let mut scores = vec![0f32; heads * bs];
+        for blk in blocks.0..blocks.1 {
+            let n = bs.min(s.len - blk * bs);
+            let block = s.table[blk];
+            for kh in 0..kvh {
+                let kb = cache.row(block, 0, 0, kh);
+                for gi in 0..G {
+                    let h = kh * G + gi;
+                    let qh = unsafe { q.as_ptr().add(h * d) };
+                    let mut j = 0;
+                    while j + 16 <= n {
+                        unsafe {
+                            scores16(
+                                qh,
+                                kb,
+                                j,
+                                row_stride,
+                                d,
+                                scale,
+                                scores.as_mut_ptr().add(h * bs + j),
+                            )
+                        };
+                        j += 16;
+                    }
+                    for j in j..n {
+                        let k = unsafe { kb.add(j * row_stride) };
+                        let mut a = _mm512_setzero_ps();
+                        for c in 0..DC {
+                            unsafe {
+                                a = _mm512_fmadd_ps(
+                                    _mm512_loadu_ps(qh.add(16 * c)),
+                                    load(k.add(16 * c)),
+                                    a,
+                                );
+                            }
+                        }
+                        scores[h * bs + j] = _mm512_reduce_add_ps(a) * scale;
+                    }
+                }
+            }
+            super::softmax_step(&mut scores, bs, n, d, ms, ls, acc);
+            for kh in 0..kvh {
+                let vb = cache.row(block, 1, 0, kh);
+                let mut r = [[_mm512_setzero_ps(); DC]; G];
+                for (gi, rg) in r.iter_mut().enumerate() {
+                    for (c, rc) in rg.iter_mut().enumerate() {
+                        *rc = unsafe {
+                            _mm512_loadu_ps(acc.as_ptr().add((kh * G + gi) * d + 16 * c))
+                        };
+                    }
+                }
+                for j in 0..n {
+                    let v = unsafe { vb.add(j * row_stride) };
+                    let mut x = [_mm512_setzero_ps(); DC];
+                    for (c, xc) in x.iter_mut().enumerate() {
+                        *xc = unsafe { load(v.add(16 * c)) };
+                    }
+                    for (gi, rg) in r.iter_mut().enumerate() {
+                        let p = _mm512_set1_ps(scores[(kh * G + gi) * bs + j]);
+                        for (rc, &xc) in rg.iter_mut().zip(&x) {
+                            *rc = _mm512_fmadd_ps(p, xc, *rc);
+                        }
+                    }
+                }
+                for (gi, rg) in r.iter().enumerate() {
+                    for (c, &rc) in rg.iter().enumerate() {
+                        unsafe {
+                            _mm512_storeu_ps(acc.as_mut_ptr().add((kh * G + gi) * d + 16 * c), rc)
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Any GQA group and head size (a multiple of 16), accumulators in memory.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn piece_any<E: Elem>(
         q: &[f32],
         heads: usize,
         s: &Query<'_>,

@@ -113,7 +113,13 @@ impl PackedWeight {
                 xb.resize(m * kp, 0);
                 for r in 0..m {
                     let row = &x[r * ldx..r * ldx + self.k];
-                    for (p, out) in xb[r * kp..(r + 1) * kp].iter_mut().enumerate() {
+                    let out = &mut xb[r * kp..(r + 1) * kp];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: Avx512Bf16 was detected at run time.
+                    let done = unsafe { dpbf16::to_pairs(row, out) };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let done = 0;
+                    for (p, out) in out.iter_mut().enumerate().skip(done) {
                         let lo = bf16::from_f32(row[2 * p]).to_bits() as u32;
                         let hi = row
                             .get(2 * p + 1)
@@ -200,6 +206,21 @@ mod dpbf16 {
     use std::arch::x86_64::*;
 
     use super::{ROWS, STRIP};
+
+    /// Rounds `x` to bf16 pairs (little-endian, so pair p is `x[2p] | x[2p+1] << 16`) 32 values
+    /// at a time; returns how many pairs it wrote (the rest is left to the caller).
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    pub unsafe fn to_pairs(x: &[f32], out: &mut [u32]) -> usize {
+        let n = (x.len() / 16).min(out.len() / 8);
+        for c in 0..n {
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr().add(16 * c));
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(out.as_mut_ptr().add(8 * c) as *mut __m256i, h);
+            }
+        }
+        n * 8
+    }
 
     /// Strips `s0..s1` of `y (+)= x · W`; `x` is `[m][kp]` bf16 pairs.
     #[allow(clippy::too_many_arguments)]

@@ -61,6 +61,19 @@ enum Embed {
     F32(Vec<f32>),
 }
 
+/// The model's dense tensors as `Llama` holds them.
+pub struct ModelTensors<'a> {
+    /// `[vocab, hidden]`.
+    pub embed: &'a Tensor,
+    pub layers: Vec<LayerTensors<'a>>,
+    pub final_norm: &'a Tensor,
+    /// `[vocab, hidden]`.
+    pub lm_head: &'a Tensor,
+    /// RoPE tables, `[max_positions, head_dim]` f32.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+}
+
 /// The dense pieces of one layer as `Llama` holds them (libtorch tensors, any layout).
 pub struct LayerTensors<'a> {
     pub input_norm: &'a Tensor,
@@ -100,20 +113,13 @@ fn pack(w: &Tensor, kind: Kind) -> PackedWeight {
 
 impl DecodeWeights {
     /// `kind` must be bf16 or f32 (anything else keeps decode on libtorch).
-    pub fn new(
-        config: &LlamaConfig,
-        kind: Kind,
-        embed: &Tensor,
-        layers: &[LayerTensors<'_>],
-        final_norm: &Tensor,
-        lm_head: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Option<DecodeWeights> {
-        if !matches!(kind, Kind::BFloat16 | Kind::Float) || config.head_dim % 2 != 0 {
+    pub fn new(config: &LlamaConfig, kind: Kind, t: &ModelTensors<'_>) -> Option<DecodeWeights> {
+        if !matches!(kind, Kind::BFloat16 | Kind::Float) || !config.head_dim.is_multiple_of(2) {
             return None;
         }
-        let layers = layers
+        let (embed, final_norm, lm_head) = (t.embed, t.final_norm, t.lm_head);
+        let layers = t
+            .layers
             .iter()
             .map(|l| LayerWeights {
                 input_norm: f32_vec(l.input_norm),
@@ -135,8 +141,8 @@ impl DecodeWeights {
             } else {
                 Embed::F32(f32_vec(embed))
             },
-            cos: f32_vec(cos),
-            sin: f32_vec(sin),
+            cos: f32_vec(t.cos),
+            sin: f32_vec(t.sin),
         })
     }
 
