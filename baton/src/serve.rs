@@ -131,13 +131,23 @@ pub struct ServeArgs {
     max_num_seqs: Option<usize>,
     #[arg(long, env = "BATON_MAX_NUM_BATCHED_TOKENS")]
     max_num_batched_tokens: Option<usize>,
+    /// Decode first: while streams decode, prompts prefill at most this many tokens per step,
+    /// so a long prompt delays each running stream's next token by one such chunk instead of
+    /// a whole `--max-num-batched-tokens`; 0 gives prefill the whole budget (vLLM's default).
+    #[arg(
+        long,
+        env = "BATON_PREFILL_CHUNK_WHILE_DECODING",
+        default_value_t = 512
+    )]
+    prefill_chunk_while_decoding: usize,
     /// Caps the model's context (prompt + output).
     #[arg(long, env = "BATON_MAX_MODEL_LEN")]
     max_model_len: Option<usize>,
     #[arg(long, env = "BATON_NO_PREFIX_CACHING")]
     no_prefix_caching: bool,
-    /// Decode steps on CPU through Baton's own kernels; `false` runs them as libtorch ops, as
-    /// prefill always does (to compare, or if the kernels misbehave on some CPU).
+    /// Steps on CPU through Baton's own kernels (a prefill chunk's attention stays libtorch's
+    /// SDPA); `false` runs them as libtorch ops (to compare, or if the kernels misbehave on
+    /// some CPU).
     #[arg(long, env = "BATON_CPU_KERNELS", default_value_t = true, action = clap::ArgAction::Set)]
     cpu_kernels: bool,
     /// Seconds Ctrl-C waits for in-flight requests before ending them with an error.
@@ -336,6 +346,7 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             .or(worker.max_model_len)
             .or(processor.max_model_len),
         cpu_kernels: args.cpu_kernels,
+        prefill_chunk_while_decoding: args.prefill_chunk_while_decoding,
         kv_events: None,
     };
     let remote_prefill = args

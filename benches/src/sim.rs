@@ -172,6 +172,8 @@ impl Worker {
         let config = EngineConfig {
             max_num_seqs: pool.max_num_seqs,
             max_num_batched_tokens: pool.max_num_batched_tokens,
+            // The simulated workers schedule as vLLM's do by default.
+            prefill_chunk_while_decoding: 0,
             enable_prefix_caching: true,
             eos_token_ids: LLAMA3_EOS.to_vec(),
             max_context: pool.max_model_len,

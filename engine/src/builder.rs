@@ -28,10 +28,13 @@ pub struct EngineOptions {
     pub kv_cache_bytes: usize,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// While sequences decode, prefill gets at most this many tokens of a step (0: the whole
+    /// budget).
+    pub prefill_chunk_while_decoding: usize,
     pub enable_prefix_caching: bool,
     /// Caps the model's own context length.
     pub max_model_len: Option<usize>,
-    /// Decode steps on CPU through Baton's own kernels (`false`: libtorch ops, as prefill).
+    /// Steps on CPU through Baton's own kernels (`false`: libtorch ops throughout).
     pub cpu_kernels: bool,
     /// Where the block manager reports Stored/Removed/Cleared (the worker forwards them to the
     /// event plane); `None` keeps them in the engine.
@@ -48,6 +51,7 @@ impl Default for EngineOptions {
             kv_cache_bytes: 1 << 30,
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
+            prefill_chunk_while_decoding: 512,
             enable_prefix_caching: true,
             max_model_len: None,
             cpu_kernels: true,
@@ -273,6 +277,7 @@ fn engine_config(opts: &EngineOptions, card: &ModelCard) -> EngineConfig {
     EngineConfig {
         max_num_seqs: opts.max_num_seqs,
         max_num_batched_tokens: opts.max_num_batched_tokens,
+        prefill_chunk_while_decoding: opts.prefill_chunk_while_decoding,
         enable_prefix_caching: opts.enable_prefix_caching,
         eos_token_ids: card.eos_token_ids.clone(),
         max_context: card.max_context,

@@ -21,6 +21,8 @@ use crate::sequence::{SeqStatus, Sequence};
 pub struct EngineConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// See [`SchedulerConfig::prefill_chunk_while_decoding`].
+    pub prefill_chunk_while_decoding: usize,
     pub enable_prefix_caching: bool,
     /// Ids that end generation unless `ignore_eos` (the model card's EOS ids).
     pub eos_token_ids: Vec<u32>,
@@ -165,6 +167,7 @@ impl Engine {
             SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
                 max_num_batched_tokens: config.max_num_batched_tokens,
+                prefill_chunk_while_decoding: config.prefill_chunk_while_decoding,
             },
             blocks,
         );
@@ -665,6 +668,7 @@ mod tests {
         let config = EngineConfig {
             max_num_seqs: 8,
             max_num_batched_tokens: 64,
+            prefill_chunk_while_decoding: 0,
             enable_prefix_caching: true,
             eos_token_ids: vec![0],
             max_context: 64,

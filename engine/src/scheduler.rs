@@ -1,7 +1,9 @@
 //! Continuous batching, vLLM-style: each step spends a token budget
 //! (`max_num_batched_tokens`) on running sequences first — decodes and unfinished prefill
 //! chunks, in arrival order — then admits waiting sequences first-come first-served while
-//! `max_num_seqs` allows, chunking any prompt longer than what is left of the budget. When
+//! `max_num_seqs` allows, chunking any prompt longer than what is left of the budget. While
+//! any sequence decodes, prefill chunks together take at most `prefill_chunk_while_decoding`
+//! tokens of a step (decode first), so running streams keep their pace under long prompts. When
 //! the KV cache runs out, the latest-arrived running sequence is preempted: its blocks are
 //! freed (its full blocks stay in the prefix cache) and it waits to be recomputed.
 
@@ -14,6 +16,10 @@ use crate::sequence::{SeqStatus, Sequence};
 pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// Decode first: while any sequence decodes, a step's prefill tokens stay under this, so
+    /// a long prompt delays running streams by one short chunk per token, not by a full
+    /// budget's worth. 0 lets prefill take the whole budget.
+    pub prefill_chunk_while_decoding: usize,
 }
 
 /// One sequence's share of a step.
@@ -121,13 +127,27 @@ impl Scheduler {
     /// Picks this step's chunks and reserves their KV slots.
     pub fn schedule(&mut self) -> Vec<ScheduledChunk> {
         let mut budget = self.config.max_num_batched_tokens;
+        let cap = self.config.prefill_chunk_while_decoding;
+        let decoding = self.running.iter().any(|id| self.seqs[id].remaining() == 1);
+        // Tokens left for chunks of more than one token (prefills) this step.
+        let mut prefill_left = if decoding && cap > 0 { cap } else { usize::MAX };
         let mut out = Vec::new();
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let seq = &self.seqs[&id];
-            let n = seq.remaining().min(budget);
+            let remaining = seq.remaining();
+            let n = if remaining > 1 {
+                remaining.min(budget).min(prefill_left)
+            } else {
+                remaining.min(budget)
+            };
+            if n == 0 {
+                // A prefill past this step's prefill share: it waits, decodes behind it go on.
+                i += 1;
+                continue;
+            }
             let needed = seq.num_computed + n;
             match self.blocks.append_slots(id, needed) {
                 Ok(()) => {
@@ -138,6 +158,9 @@ impl Scheduler {
                         sample,
                     });
                     budget -= n;
+                    if remaining > 1 {
+                        prefill_left = prefill_left.saturating_sub(n);
+                    }
                     i += 1;
                 }
                 Err(_) => {
@@ -151,7 +174,7 @@ impl Scheduler {
             }
         }
 
-        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+        while budget > 0 && prefill_left > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
@@ -166,6 +189,8 @@ impl Scheduler {
                 .get_or_insert(cached.min(seq.prompt_len));
             seq.status = SeqStatus::Running;
             let n = seq.remaining().min(budget);
+            let n = if n > 1 { n.min(prefill_left) } else { n };
+            prefill_left = prefill_left.saturating_sub(if n > 1 { n } else { 0 });
             out.push(ScheduledChunk {
                 seq: id,
                 num_tokens: n,
@@ -189,5 +214,108 @@ impl Scheduler {
         self.waiting.push_front(id);
         self.num_preemptions += 1;
         tracing::debug!(seq = id, "preempted (KV cache full), will recompute");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block_manager::BlockManagerConfig;
+    use crate::sampler::{SamplingParams, SequenceRng};
+
+    fn seq(id: SeqId, prompt: usize) -> Sequence {
+        Sequence {
+            id,
+            request_id: format!("r{id}"),
+            prompt_len: prompt,
+            tokens: (0..prompt as u32).map(|t| t + 1000 * id as u32).collect(),
+            num_computed: 0,
+            rng: SequenceRng::new(Some(0)),
+            params: SamplingParams::greedy(100),
+            status: SeqStatus::Waiting,
+            cached_prompt_tokens: None,
+            cumulative_logprob: 0.0,
+            prefill_only: false,
+        }
+    }
+
+    fn scheduler(cap: usize) -> Scheduler {
+        let blocks = BlockManager::new(
+            BlockManagerConfig {
+                num_blocks: 256,
+                block_size: 16,
+                enable_prefix_caching: false,
+            },
+            None,
+        );
+        Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: 16,
+                max_num_batched_tokens: 2048,
+                prefill_chunk_while_decoding: cap,
+            },
+            blocks,
+        )
+    }
+
+    /// Applies a step as the engine would: chunks computed, a token appended where sampled.
+    fn finish(s: &mut Scheduler, chunks: &[ScheduledChunk]) {
+        for c in chunks {
+            let seq = s.seqs.get_mut(&c.seq).expect("scheduled sequence");
+            seq.num_computed += c.num_tokens;
+            if c.sample {
+                seq.tokens.push(7);
+            }
+        }
+    }
+
+    /// Two streams decoding, then a 3 000-token prompt: returns (prefill tokens, decodes) per
+    /// step until the prompt is computed.
+    fn long_prompt_under_decodes(cap: usize) -> Vec<(usize, usize)> {
+        let mut s = scheduler(cap);
+        s.add(seq(1, 40));
+        s.add(seq(2, 50));
+        let first = s.schedule();
+        finish(&mut s, &first);
+        s.add(seq(3, 3000));
+        let mut steps = Vec::new();
+        while s.seqs[&3].num_computed < 3000 {
+            let chunks = s.schedule();
+            let prefill = chunks
+                .iter()
+                .filter(|c| c.seq == 3)
+                .map(|c| c.num_tokens)
+                .sum();
+            let decodes = chunks.iter().filter(|c| c.seq != 3).count();
+            finish(&mut s, &chunks);
+            steps.push((prefill, decodes));
+        }
+        steps
+    }
+
+    #[test]
+    fn while_streams_decode_a_long_prompt_prefills_in_capped_chunks_beside_them() {
+        let steps = long_prompt_under_decodes(512);
+        assert_eq!(steps.len(), 6, "3 000 tokens in chunks of 512: {steps:?}");
+        for (i, &(prefill, decodes)) in steps.iter().enumerate() {
+            assert!(prefill <= 512, "step {i}: {prefill} prefill tokens");
+            assert_eq!(decodes, 2, "step {i}: both streams decode every step");
+        }
+        // Off, the prompt takes the rest of the budget: two steps.
+        let steps = long_prompt_under_decodes(0);
+        assert_eq!(
+            steps.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![2046, 954]
+        );
+    }
+
+    #[test]
+    fn with_nothing_decoding_prefill_takes_the_whole_budget() {
+        let mut s = scheduler(512);
+        s.add(seq(1, 3000));
+        s.add(seq(2, 100));
+        let chunks = s.schedule();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].num_tokens, 2048);
     }
 }

@@ -31,7 +31,7 @@ struct Args {
     /// libtorch intra-op threads (0: libtorch's default, one per core).
     #[arg(long, default_value_t = 0)]
     threads: i32,
-    /// Decode steps on Baton's CPU kernels, libtorch ops, or each in turn (`true,false`).
+    /// Steps on Baton's CPU kernels, libtorch ops, or each in turn (`true,false`).
     #[arg(long, value_delimiter = ',', default_value = "true")]
     cpu_kernels: Vec<bool>,
 }
@@ -127,7 +127,7 @@ fn bench(args: &Args, kind: tch::Kind, cpu_kernels: bool) -> Result<()> {
     let (mut engine, card) = build_engine(loaded, &opts)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     println!(
-        "model {} ({} params), dtype {}, libtorch threads {}, decode on {}",
+        "model {} ({} params), dtype {}, libtorch threads {}, steps on {}",
         card.name,
         card.config.num_parameters(),
         args.dtype,

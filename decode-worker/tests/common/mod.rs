@@ -61,6 +61,7 @@ pub fn host_with_events(kv_events: bool) -> EngineHost {
         EngineConfig {
             max_num_seqs: 8,
             max_num_batched_tokens: 64,
+            prefill_chunk_while_decoding: 0,
             enable_prefix_caching: true,
             eos_token_ids: vec![0],
             max_context: 48,

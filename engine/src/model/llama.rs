@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::attention::AttentionPlan;
-use super::cpu::{DecodeKernels, DecodeWeights, Isa, LayerTensors, ModelTensors};
+use super::cpu::{CpuKernels, Isa, KernelWeights, LayerTensors, ModelTensors};
 use super::linear::Linear;
 use super::rope::{self, Rope};
 use super::{ForwardBatch, SeqChunk};
@@ -15,6 +15,9 @@ use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::weights::{WeightTensor, Weights};
+
+/// Prompt chunks up to this long run on the CPU kernels with the decodes.
+const KERNEL_CHUNK_TOKENS: usize = 64;
 
 struct Layer {
     input_norm: Tensor,
@@ -35,13 +38,13 @@ pub struct Llama {
     /// `[vocab, hidden]` projection; a copy of the embedding when tied.
     lm_head: Linear,
     rope: Rope,
-    /// The decode kernels' copy of the weights (CPU, bf16 or f32).
-    decode_weights: Option<Arc<DecodeWeights>>,
-    /// Whether single-token chunks go to the kernels (see [`Llama::use_cpu_kernels`]).
+    /// The CPU kernels' copy of the weights (CPU, bf16 or f32).
+    kernel_weights: Option<Arc<KernelWeights>>,
+    /// Whether steps go to the kernels (see [`Llama::use_cpu_kernels`]).
     cpu_kernels: bool,
-    /// This handle's kernel threads, started at its first decode step, on the engine thread
+    /// This handle's kernel threads, started at its first step, on the engine thread
     /// (so they match that thread's libtorch thread count).
-    kernels: OnceCell<DecodeKernels>,
+    kernels: OnceCell<CpuKernels>,
 }
 
 impl Llama {
@@ -91,8 +94,8 @@ impl Llama {
         };
         let lm_head = Linear::fused(vec![lm_head], kind, device);
         let rope = Rope::new(config, config.max_position_embeddings, device);
-        let decode_weights = (device == Device::Cpu)
-            .then(|| decode_weights(config, kind, &embed, &layers, &norm, &lm_head, &rope))
+        let kernel_weights = (device == Device::Cpu)
+            .then(|| kernel_weights(config, kind, &embed, &layers, &norm, &lm_head, &rope))
             .flatten()
             .map(Arc::new);
         Ok(Llama {
@@ -104,22 +107,22 @@ impl Llama {
             norm,
             lm_head,
             rope,
-            decode_weights,
+            kernel_weights,
             cpu_kernels: true,
             kernels: OnceCell::new(),
         })
     }
 
-    /// Routes decode steps to the CPU kernels (the default where they exist) or keeps every
-    /// step on libtorch ops (`false`: the reference the kernels are tested and measured
+    /// Routes steps to the CPU kernels (the default where they exist) or keeps every step on
+    /// libtorch ops (`false`: the reference the kernels are tested and measured
     /// against).
     pub fn use_cpu_kernels(&mut self, on: bool) {
         self.cpu_kernels = on;
     }
 
-    /// The instruction set decode steps run on when they go to the CPU kernels.
+    /// The instruction set steps run on when they go to the CPU kernels.
     pub fn cpu_kernels_isa(&self) -> Option<Isa> {
-        (self.cpu_kernels && self.decode_weights.is_some()).then(Isa::detect)
+        (self.cpu_kernels && self.kernel_weights.is_some()).then(Isa::detect)
     }
 
     /// Another handle on the same weights: the tensors share storage, so workers in one process
@@ -146,7 +149,7 @@ impl Llama {
             norm: self.norm.shallow_clone(),
             lm_head: self.lm_head.share(),
             rope: self.rope.share(),
-            decode_weights: self.decode_weights.clone(),
+            kernel_weights: self.kernel_weights.clone(),
             cpu_kernels: self.cpu_kernels,
             kernels: OnceCell::new(),
         }
@@ -191,52 +194,56 @@ impl Llama {
     /// `[num_samples, vocab]`, one row per chunk with `sample`, in chunk order.
     pub fn forward(&self, batch: &ForwardBatch<'_>, cache: &mut KvCache) -> Tensor {
         let _guard = tch::no_grad_guard();
-        let weights = self.decode_weights.as_ref().filter(|_| self.cpu_kernels);
+        let weights = self.kernel_weights.as_ref().filter(|_| self.cpu_kernels);
         let Some(weights) = weights else {
             return self.forward_torch(&batch.chunks.iter().collect::<Vec<_>>(), cache);
         };
-        let (decodes, others): (Vec<usize>, Vec<usize>) =
-            (0..batch.chunks.len()).partition(|&i| batch.chunks[i].tokens.len() == 1);
-        let decode_chunks: Vec<&SeqChunk<'_>> = decodes.iter().map(|&i| &batch.chunks[i]).collect();
-        if decode_chunks.is_empty() || !DecodeKernels::accepts(weights, &decode_chunks, cache) {
+        // Short chunks (decodes, short prompts) run on the kernels; longer prompt chunks on
+        // libtorch, whose GEMMs match the kernels' from a few hundred rows on and whose
+        // per-op cost no longer shows there.
+        let (short, long): (Vec<usize>, Vec<usize>) = (0..batch.chunks.len())
+            .partition(|&i| batch.chunks[i].tokens.len() <= KERNEL_CHUNK_TOKENS);
+        let short_chunks: Vec<&SeqChunk<'_>> = short.iter().map(|&i| &batch.chunks[i]).collect();
+        if short_chunks.is_empty() || !CpuKernels::accepts(weights, &short_chunks, cache) {
             return self.forward_torch(&batch.chunks.iter().collect::<Vec<_>>(), cache);
         }
         let kernels = self.kernels.get_or_init(|| {
-            let k = DecodeKernels::new(tch::get_num_threads().max(1) as usize, Isa::detect());
+            let k = CpuKernels::new(tch::get_num_threads().max(1) as usize, Isa::detect());
             tracing::info!(
                 isa = k.isa().name(),
                 threads = k.threads(),
+                on = k.team_backing(),
                 weight_copy_mib = weights.bytes() >> 20,
-                "decode steps run on the CPU kernels"
+                "decode steps and short prompt chunks run on the CPU kernels"
             );
             k
         });
         let vocab = self.config.vocab_size as i64;
-        let rows = kernels.forward(weights, &decode_chunks, cache);
-        let decoded = Tensor::from_slice(&rows).view([-1, vocab]);
-        if others.is_empty() {
-            return decoded;
+        let rows = kernels.forward(weights, &short_chunks, cache);
+        let on_kernels = Tensor::from_slice(&rows).view([-1, vocab]);
+        if long.is_empty() {
+            return on_kernels;
         }
-        // A mixed step: prefill chunks through libtorch, then the rows back in chunk order.
-        let other_chunks: Vec<&SeqChunk<'_>> = others.iter().map(|&i| &batch.chunks[i]).collect();
-        let prefilled = self.forward_torch(&other_chunks, cache);
+        let long_chunks: Vec<&SeqChunk<'_>> = long.iter().map(|&i| &batch.chunks[i]).collect();
+        let on_torch = self.forward_torch(&long_chunks, cache);
+        // Back to chunk order: each part's rows are its sampling chunks, in order.
         let sampled = |idx: &[usize]| -> Vec<usize> {
             idx.iter()
                 .copied()
                 .filter(|&i| batch.chunks[i].sample)
                 .collect()
         };
-        let (sd, so) = (sampled(&decodes), sampled(&others));
-        let mut order: Vec<(usize, i64)> = Vec::with_capacity(sd.len() + so.len());
-        order.extend(sd.iter().enumerate().map(|(r, &i)| (i, r as i64)));
+        let (ss, sl) = (sampled(&short), sampled(&long));
+        let mut order: Vec<(usize, i64)> = Vec::with_capacity(ss.len() + sl.len());
+        order.extend(ss.iter().enumerate().map(|(r, &i)| (i, r as i64)));
         order.extend(
-            so.iter()
+            sl.iter()
                 .enumerate()
-                .map(|(r, &i)| (i, (sd.len() + r) as i64)),
+                .map(|(r, &i)| (i, (ss.len() + r) as i64)),
         );
         order.sort_unstable();
         let index: Vec<i64> = order.into_iter().map(|(_, r)| r).collect();
-        Tensor::cat(&[decoded, prefilled], 0).index_select(0, &Tensor::from_slice(&index))
+        Tensor::cat(&[on_kernels, on_torch], 0).index_select(0, &Tensor::from_slice(&index))
     }
 
     /// [`Llama::forward`] through libtorch ops only.
@@ -306,8 +313,8 @@ impl Llama {
     }
 }
 
-/// The decode kernels' copy of the weights, when every linear is dense.
-fn decode_weights(
+/// The CPU kernels' copy of the weights, when every linear is dense.
+fn kernel_weights(
     config: &LlamaConfig,
     kind: Kind,
     embed: &Tensor,
@@ -315,7 +322,7 @@ fn decode_weights(
     norm: &Tensor,
     lm_head: &Linear,
     rope: &Rope,
-) -> Option<DecodeWeights> {
+) -> Option<KernelWeights> {
     let dense: Option<Vec<[Tensor; 4]>> = layers
         .iter()
         .map(|l| {
@@ -350,5 +357,5 @@ fn decode_weights(
         cos,
         sin,
     };
-    DecodeWeights::new(config, kind, &tensors)
+    KernelWeights::new(config, kind, &tensors)
 }

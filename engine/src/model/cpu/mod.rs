@@ -1,11 +1,12 @@
-//! Decode steps on CPU through hand-written kernels instead of libtorch ops. A decode step's
+//! Forward steps on CPU through hand-written kernels instead of libtorch ops, where the model
+//! is on CPU in bf16 or f32 ([`super::Llama`] routes every step here then). A decode step's
 //! tensors are tiny (a few rows), so libtorch spends more time dispatching its ~30 ops per
-//! layer, and forking its OpenMP team for each, than computing; and its decode attention has
-//! to gather the block table into a padded copy. Here a step is one pass over weights repacked
-//! for streaming ([`matmul`]), attention reads the paged cache in place ([`attention`]), and
-//! the element-wise pieces are fused into the loops around them. Prefill chunks still run
-//! through libtorch (its GEMMs win at hundreds of rows); [`super::Llama`] routes single-token
-//! chunks here when the model is on CPU in bf16 or f32.
+//! layer, and forking its OpenMP team for each, than computing; its decode attention has to
+//! gather the block table into a padded copy; and its bf16 matmul without AMX is ~2× slower
+//! than [`matmul`] even at 512 rows. Here a step is one pass over weights repacked for
+//! streaming ([`matmul`]), decode attention reads the paged cache in place ([`attention`]),
+//! and the element-wise pieces are fused into the loops around them. Only a prefill chunk's
+//! attention stays on libtorch (its flash SDPA, over the chunk's blocks of the cache).
 
 mod attention;
 mod isa;
@@ -28,9 +29,6 @@ use super::SeqChunk;
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
 
-/// Most rows one kernel step takes; bigger decode batches are cut into several.
-pub const MAX_ROWS: usize = 64;
-
 struct LayerWeights {
     input_norm: Vec<f32>,
     qkv: PackedWeight,
@@ -42,7 +40,7 @@ struct LayerWeights {
 
 /// The model's weights as the kernels read them (a second copy beside libtorch's, which
 /// prefill uses), shared by every handle on the model.
-pub struct DecodeWeights {
+pub struct KernelWeights {
     config: LlamaConfig,
     /// bf16 or f32: the kind of the KV cache and of the weights this was built from.
     kind: Kind,
@@ -111,9 +109,9 @@ fn pack(w: &Tensor, kind: Kind) -> PackedWeight {
     }
 }
 
-impl DecodeWeights {
+impl KernelWeights {
     /// `kind` must be bf16 or f32 (anything else keeps decode on libtorch).
-    pub fn new(config: &LlamaConfig, kind: Kind, t: &ModelTensors<'_>) -> Option<DecodeWeights> {
+    pub fn new(config: &LlamaConfig, kind: Kind, t: &ModelTensors<'_>) -> Option<KernelWeights> {
         if !matches!(kind, Kind::BFloat16 | Kind::Float) || !config.head_dim.is_multiple_of(2) {
             return None;
         }
@@ -130,7 +128,7 @@ impl DecodeWeights {
                 down: pack(l.down, kind),
             })
             .collect();
-        Some(DecodeWeights {
+        Some(KernelWeights {
             config: config.clone(),
             kind,
             layers,
@@ -164,15 +162,15 @@ impl DecodeWeights {
     }
 }
 
-/// One engine thread's use of [`DecodeWeights`]: its thread team and instruction set.
-pub struct DecodeKernels {
+/// One engine thread's use of [`KernelWeights`]: its thread team and instruction set.
+pub struct CpuKernels {
     team: Team,
     isa: Isa,
 }
 
-impl DecodeKernels {
-    pub fn new(threads: usize, isa: Isa) -> DecodeKernels {
-        DecodeKernels {
+impl CpuKernels {
+    pub fn new(threads: usize, isa: Isa) -> CpuKernels {
+        CpuKernels {
             team: Team::new(threads),
             isa,
         }
@@ -186,46 +184,77 @@ impl DecodeKernels {
         self.team.threads()
     }
 
-    /// Whether this step's chunks can run here: single tokens, positions the tables cover,
-    /// a cache this layout describes.
-    pub fn accepts(w: &DecodeWeights, chunks: &[&SeqChunk<'_>], cache: &KvCache) -> bool {
-        cache.layer(0).kind() == w.kind
-            && cache.layer(0).is_contiguous()
-            && chunks
-                .iter()
-                .all(|c| c.tokens.len() == 1 && c.context_len < w.max_positions())
+    pub fn team_backing(&self) -> &'static str {
+        self.team.backing()
     }
 
-    /// Runs the chunks (see [`DecodeKernels::accepts`]), writing their K/V into `cache`.
+    /// Whether this step's chunks can run here: positions the tables cover, a cache this
+    /// layout describes.
+    pub fn accepts(w: &KernelWeights, chunks: &[&SeqChunk<'_>], cache: &KvCache) -> bool {
+        cache.layer(0).kind() == w.kind
+            && cache.layer(0).is_contiguous()
+            && chunks.iter().all(|c| {
+                !c.tokens.is_empty() && c.context_len + c.tokens.len() <= w.max_positions()
+            })
+    }
+
+    /// Runs the chunks (see [`CpuKernels::accepts`]), writing their K/V into `cache`.
     /// Returns logits `[samples, vocab]`, one row per chunk with `sample`, in chunk order.
+    /// A step of single tokens runs wholly on the team; with prefill chunks, their attention
+    /// runs as libtorch's SDPA on this thread between the team's halves of each layer (on a
+    /// team thread it would start a second OpenMP team).
     pub fn forward(
         &self,
-        w: &DecodeWeights,
+        w: &KernelWeights,
         chunks: &[&SeqChunk<'_>],
         cache: &mut KvCache,
     ) -> Vec<f32> {
-        let layers: Vec<usize> = (0..w.layers.len())
-            .map(|i| cache.layer_mut(i).data_ptr() as usize)
+        // Single tokens first: their rows and queries are then contiguous.
+        let mut order: Vec<usize> = (0..chunks.len()).collect();
+        order.sort_by_key(|&i| chunks[i].tokens.len() > 1);
+        let sorted: Vec<&SeqChunk<'_>> = order.iter().map(|&i| chunks[i]).collect();
+        let prefill = sorted.iter().any(|c| c.tokens.len() > 1);
+        let (logits, sampled) = if prefill {
+            self.dispatch(w, &sorted, cache, true)
+        } else {
+            self.team.run(|| self.dispatch(w, &sorted, cache, false))
+        };
+        // Back to chunk order: `sampled` lists the sorted positions whose rows `logits` holds.
+        let vocab = w.lm_head.n;
+        let mut rows: Vec<(usize, usize)> = sampled
+            .iter()
+            .enumerate()
+            .map(|(r, &si)| (order[si], r))
             .collect();
-        let bs = cache.block_size();
-        let mut logits = Vec::new();
-        for part in chunks.chunks(MAX_ROWS) {
-            let out = self.team.run(|| match w.kind {
-                Kind::BFloat16 => self.step::<u16>(w, part, &layers, bs),
-                _ => self.step::<f32>(w, part, &layers, bs),
-            });
-            logits.extend(out);
+        rows.sort_unstable();
+        let mut out = Vec::with_capacity(logits.len());
+        for (_, r) in rows {
+            out.extend_from_slice(&logits[r * vocab..(r + 1) * vocab]);
         }
-        logits
+        out
     }
 
+    fn dispatch(
+        &self,
+        w: &KernelWeights,
+        chunks: &[&SeqChunk<'_>],
+        cache: &mut KvCache,
+        prefill: bool,
+    ) -> (Vec<f32>, Vec<usize>) {
+        match w.kind {
+            Kind::BFloat16 => self.step::<u16>(w, chunks, cache, prefill),
+            _ => self.step::<f32>(w, chunks, cache, prefill),
+        }
+    }
+
+    /// Inside the team already unless `prefill` (then each half-layer enters it).
     fn step<E: Elem>(
         &self,
-        w: &DecodeWeights,
+        w: &KernelWeights,
         chunks: &[&SeqChunk<'_>],
-        layers: &[usize],
-        bs: usize,
-    ) -> Vec<f32> {
+        cache: &mut KvCache,
+        prefill: bool,
+    ) -> (Vec<f32>, Vec<usize>) {
         let c = &w.config;
         let (hd, heads, kvh, d, inter) = (
             c.hidden_size,
@@ -235,11 +264,27 @@ impl DecodeKernels {
             c.intermediate_size,
         );
         let (team, isa) = (&self.team, self.isa);
-        let b = chunks.len();
+        let run = |f: &mut (dyn FnMut() + Send)| {
+            if prefill {
+                team.run(move || f())
+            } else {
+                f()
+            }
+        };
+        let bs = cache.block_size();
         let nqkv = (heads + 2 * kvh) * d;
-        let mut x = vec![0f32; b * hd];
-        for (row, ch) in x.chunks_exact_mut(hd).zip(chunks) {
-            let t = ch.tokens[0] as usize;
+        // Each row's token, position and block table.
+        let mut rows: Vec<(u32, usize, &[u32])> = Vec::new();
+        for ch in chunks {
+            for (i, &t) in ch.tokens.iter().enumerate() {
+                rows.push((t, ch.context_len + i, ch.block_table));
+            }
+        }
+        let m = rows.len();
+        let n_dec = chunks.iter().take_while(|c| c.tokens.len() == 1).count();
+        let mut x = vec![0f32; m * hd];
+        for (row, &(t, _, _)) in x.chunks_exact_mut(hd).zip(&rows) {
+            let t = t as usize;
             match &w.embed {
                 Embed::Bf16(e) => row
                     .iter_mut()
@@ -248,72 +293,157 @@ impl DecodeKernels {
                 Embed::F32(e) => row.copy_from_slice(&e[t * hd..(t + 1) * hd]),
             }
         }
-        let mut h = vec![0f32; b * hd];
-        let mut qkv = vec![0f32; b * nqkv];
-        let mut attn = vec![0f32; b * heads * d];
-        let mut gu = vec![0f32; b * 2 * inter];
-        let mut act = vec![0f32; b * inter];
+        let mut h = vec![0f32; m * hd];
+        let mut qkv = vec![0f32; m * nqkv];
+        let mut attn = vec![0f32; m * heads * d];
+        let mut gu = vec![0f32; m * 2 * inter];
+        let mut act = vec![0f32; m * inter];
         let mut xb = Vec::new();
-        let queries: Vec<Query<'_>> = chunks
+        let queries: Vec<Query<'_>> = chunks[..n_dec]
             .iter()
             .map(|ch| Query {
                 table: ch.block_table,
                 len: ch.context_len + 1,
             })
             .collect();
-        for (lw, &base) in w.layers.iter().zip(layers) {
-            let cache = CacheLayer {
-                ptr: SyncPtr(base as *mut E),
+        for (i, lw) in w.layers.iter().enumerate() {
+            let layer_cache = CacheLayer {
+                ptr: SyncPtr(cache.layer_mut(i).data_ptr() as *mut E),
                 block_size: bs,
                 kv_heads: kvh,
                 head_dim: d,
             };
-            for (xr, hr) in x.chunks_exact(hd).zip(h.chunks_exact_mut(hd)) {
-                vector::rms_norm(xr, &lw.input_norm, c.rms_norm_eps, hr);
+            run(&mut || {
+                for (xr, hr) in x.chunks_exact(hd).zip(h.chunks_exact_mut(hd)) {
+                    vector::rms_norm(xr, &lw.input_norm, c.rms_norm_eps, hr);
+                }
+                lw.qkv
+                    .matmul(team, isa, &h, m, hd, &mut qkv, nqkv, false, &mut xb);
+                for (row, &(_, p, table)) in qkv.chunks_exact_mut(nqkv).zip(&rows) {
+                    let (cos, sin) = (&w.cos[p * d..(p + 1) * d], &w.sin[p * d..(p + 1) * d]);
+                    vector::rope(&mut row[..(heads + kvh) * d], d, cos, sin);
+                    let (k, v) = row[heads * d..].split_at(kvh * d);
+                    layer_cache.write(table[p / bs], p % bs, k, v);
+                }
+                if n_dec > 0 {
+                    let out = &mut attn[..n_dec * heads * d];
+                    attention::decode(team, isa, &qkv, nqkv, heads, &queries, layer_cache, out);
+                }
+            });
+            let mut start = n_dec;
+            for ch in &chunks[n_dec..] {
+                let len = ch.tokens.len();
+                let q = &qkv[start * nqkv..(start + len) * nqkv];
+                let out = &mut attn[start * heads * d..(start + len) * heads * d];
+                prefill_attention(q, nqkv, heads, d, ch, cache.layer(i), bs, out);
+                start += len;
             }
-            lw.qkv
-                .matmul(team, isa, &h, b, hd, &mut qkv, nqkv, false, &mut xb);
-            for (row, ch) in qkv.chunks_exact_mut(nqkv).zip(chunks) {
-                let p = ch.context_len;
-                let (cos, sin) = (&w.cos[p * d..(p + 1) * d], &w.sin[p * d..(p + 1) * d]);
-                vector::rope(&mut row[..(heads + kvh) * d], d, cos, sin);
-                let (k, v) = row[heads * d..].split_at(kvh * d);
-                cache.write(ch.block_table[p / bs], p % bs, k, v);
-            }
-            attention::decode(team, isa, &qkv, nqkv, heads, &queries, cache, &mut attn);
-            lw.o_proj
-                .matmul(team, isa, &attn, b, heads * d, &mut x, hd, true, &mut xb);
-            for (xr, hr) in x.chunks_exact(hd).zip(h.chunks_exact_mut(hd)) {
-                vector::rms_norm(xr, &lw.post_norm, c.rms_norm_eps, hr);
-            }
-            lw.gate_up
-                .matmul(team, isa, &h, b, hd, &mut gu, 2 * inter, false, &mut xb);
-            for (g, a) in gu.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
-                vector::silu_mul(&g[..inter], &g[inter..], a);
-            }
-            lw.down
-                .matmul(team, isa, &act, b, inter, &mut x, hd, true, &mut xb);
+            run(&mut || {
+                lw.o_proj
+                    .matmul(team, isa, &attn, m, heads * d, &mut x, hd, true, &mut xb);
+                for (xr, hr) in x.chunks_exact(hd).zip(h.chunks_exact_mut(hd)) {
+                    vector::rms_norm(xr, &lw.post_norm, c.rms_norm_eps, hr);
+                }
+                lw.gate_up
+                    .matmul(team, isa, &h, m, hd, &mut gu, 2 * inter, false, &mut xb);
+                for (g, a) in gu.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
+                    vector::silu_mul(&g[..inter], &g[inter..], a);
+                }
+                lw.down
+                    .matmul(team, isa, &act, m, inter, &mut x, hd, true, &mut xb);
+            });
         }
-        let sampled: Vec<usize> = (0..b).filter(|&i| chunks[i].sample).collect();
-        let mut hs = vec![0f32; sampled.len() * hd];
-        for (hr, &i) in hs.chunks_exact_mut(hd).zip(&sampled) {
-            vector::rms_norm(&x[i * hd..(i + 1) * hd], &w.final_norm, c.rms_norm_eps, hr);
+        // The last row of each sampling chunk.
+        let mut sampled = Vec::new();
+        let mut last_rows = Vec::new();
+        let mut end = 0;
+        for (si, ch) in chunks.iter().enumerate() {
+            end += ch.tokens.len();
+            if ch.sample {
+                sampled.push(si);
+                last_rows.push(end - 1);
+            }
+        }
+        let mut hs = vec![0f32; last_rows.len() * hd];
+        for (hr, &r) in hs.chunks_exact_mut(hd).zip(&last_rows) {
+            vector::rms_norm(&x[r * hd..(r + 1) * hd], &w.final_norm, c.rms_norm_eps, hr);
         }
         let vocab = w.lm_head.n;
-        let mut logits = vec![0f32; sampled.len() * vocab];
-        if !sampled.is_empty() {
-            w.lm_head.matmul(
-                team,
-                isa,
-                &hs,
-                sampled.len(),
-                hd,
-                &mut logits,
-                vocab,
-                false,
-                &mut xb,
-            );
+        let mut logits = vec![0f32; last_rows.len() * vocab];
+        if !last_rows.is_empty() {
+            let n = last_rows.len();
+            run(&mut || {
+                w.lm_head
+                    .matmul(team, isa, &hs, n, hd, &mut logits, vocab, false, &mut xb)
+            });
         }
-        logits
+        (logits, sampled)
     }
+}
+
+/// Causal attention of one short prompt chunk through libtorch's SDPA, in f32, over the chunk's context and itself read from `cache`, where this
+/// step's K/V already are. `q`: the chunk's qkv rows, `ldq` apart; `out`: `[len][heads * d]`.
+#[allow(clippy::too_many_arguments)]
+fn prefill_attention(
+    q: &[f32],
+    ldq: usize,
+    heads: usize,
+    d: usize,
+    ch: &SeqChunk<'_>,
+    cache: &Tensor,
+    bs: usize,
+    out: &mut [f32],
+) {
+    let (len, context) = (ch.tokens.len(), ch.context_len);
+    let total = context + len;
+    let kvh = cache.size()[3];
+    let qt = Tensor::from_slice(q)
+        .view([len as i64, ldq as i64])
+        .narrow(1, 0, (heads * d) as i64)
+        .view([len as i64, heads as i64, d as i64])
+        .transpose(0, 1)
+        .unsqueeze(0);
+    let blocks: Vec<i64> = ch.block_table[..total.div_ceil(bs)]
+        .iter()
+        .map(|&b| b as i64)
+        .collect();
+    let kv = cache.index_select(0, &Tensor::from_slice(&blocks));
+    let nb = blocks.len() as i64;
+    let side = |which: i64| {
+        kv.select(1, which)
+            .reshape([nb * bs as i64, kvh, d as i64])
+            .narrow(0, 0, total as i64)
+            .transpose(0, 1)
+            .unsqueeze(0)
+            // In f32, as the queries: libtorch's f32 SDPA is the faster for short chunks.
+            .to_kind(Kind::Float)
+    };
+    let (keys, values) = (side(0), side(1));
+    // Query i (absolute position context + i) sees keys 0..=context + i.
+    let mask = (context > 0).then(|| {
+        let qp = Tensor::arange(len as i64, (Kind::Int64, tch::Device::Cpu)).unsqueeze(1)
+            + context as i64;
+        Tensor::arange(total as i64, (Kind::Int64, tch::Device::Cpu))
+            .unsqueeze(0)
+            .le_tensor(&qp)
+    });
+    let o = Tensor::scaled_dot_product_attention(
+        &qt,
+        &keys,
+        &values,
+        mask.as_ref(),
+        0.0,
+        context == 0,
+        None,
+        true,
+    );
+    let o = o
+        .squeeze_dim(0)
+        .transpose(0, 1)
+        .reshape([len as i64, (heads * d) as i64])
+        .to_kind(Kind::Float)
+        .contiguous();
+    // SAFETY: `o` is a contiguous CPU f32 tensor of len * heads * d values.
+    let src = unsafe { std::slice::from_raw_parts(o.data_ptr() as *const f32, len * heads * d) };
+    out.copy_from_slice(src);
 }

@@ -22,7 +22,12 @@ fn round_bf16(v: &[f32]) -> Vec<f32> {
 #[test]
 fn matmul_matches_f64_on_every_isa_shape_and_thread_count() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let teams = [Team::new(1), Team::new(2), Team::new(3)];
+    let teams = [
+        Team::new(1),
+        Team::new(2),
+        Team::with(3, false),
+        Team::with(2, false),
+    ];
     for isa in Isa::available() {
         for &(m, k, n) in &[
             (1, 64, 32),
@@ -192,7 +197,7 @@ fn attention_case<E: Elem>(
 fn decode_attention_matches_f64_softmax_on_every_isa() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     for isa in Isa::available() {
-        for team in [Team::new(1), Team::new(2)] {
+        for team in [Team::new(1), Team::new(2), Team::with(2, false)] {
             // (kv heads, head dim, query heads): SmolLM2's group of 3 at d 64, another in
             // registers, and one the kernels take with accumulators in memory.
             for shape in [(3, 64, 9), (2, 32, 6), (2, 48, 10)] {
@@ -312,12 +317,21 @@ mod step {
             };
             let chunks: Vec<SeqChunk<'_>> = order
                 .iter()
-                .map(|&i| &seqs[i])
-                .map(|s| SeqChunk {
-                    tokens: &s.tokens[s.computed..],
-                    context_len: s.computed,
-                    block_table: &s.table,
-                    sample: true,
+                .map(|&i| {
+                    let s = &seqs[i];
+                    // The new prompt is chunked: 20 tokens at step 3, the rest (attending to
+                    // those through the cache) at step 4.
+                    let end = if i == 3 && step == 3 {
+                        20
+                    } else {
+                        s.tokens.len()
+                    };
+                    SeqChunk {
+                        tokens: &s.tokens[s.computed..end],
+                        context_len: s.computed,
+                        block_table: &s.table,
+                        sample: end == s.tokens.len(),
+                    }
                 })
                 .collect();
             let batch = ForwardBatch { chunks };
@@ -328,11 +342,20 @@ mod step {
                 .collect();
             // Everyone continues with the first model's greedy tokens.
             let next: Vec<i64> = Vec::try_from(outs[0].argmax(-1, false)).expect("ids");
+            let ends: Vec<(usize, bool)> = batch
+                .chunks
+                .iter()
+                .map(|c| (c.context_len + c.tokens.len(), c.sample))
+                .collect();
             drop(batch);
-            for (&i, &t) in order.iter().zip(&next) {
+            let mut next = next.into_iter();
+            for (&i, (end, sample)) in order.iter().zip(ends) {
                 let s = &mut seqs[i];
-                s.computed = s.tokens.len();
-                s.tokens.push(t as u32);
+                s.computed = end;
+                if sample {
+                    s.tokens
+                        .push(next.next().expect("a row per sampling chunk") as u32);
+                }
             }
             for (all, o) in steps.iter_mut().zip(outs) {
                 all.push(o);
