@@ -266,7 +266,7 @@ impl CpuKernels {
         let (team, isa) = (&self.team, self.isa);
         let run = |f: &mut (dyn FnMut() + Send)| {
             if prefill {
-                team.run(move || f())
+                team.run(f)
             } else {
                 f()
             }
