@@ -120,11 +120,6 @@ impl Llama {
         self.cpu_kernels = on;
     }
 
-    /// The instruction set steps run on when they go to the CPU kernels.
-    pub fn cpu_kernels_isa(&self) -> Option<Isa> {
-        (self.cpu_kernels && self.kernel_weights.is_some()).then(Isa::detect)
-    }
-
     /// Another handle on the same weights: the tensors share storage, so workers in one process
     /// hold one copy of the model. Each handle is owned by one engine thread; the weights are
     /// only read after loading, which libtorch allows from several threads at once.
@@ -198,13 +193,19 @@ impl Llama {
         let Some(weights) = weights else {
             return self.forward_torch(&batch.chunks.iter().collect::<Vec<_>>(), cache);
         };
-        // Short chunks (decodes, short prompts) run on the kernels; longer prompt chunks on
-        // libtorch, whose GEMMs match the kernels' from a few hundred rows on and whose
-        // per-op cost no longer shows there.
-        let (short, long): (Vec<usize>, Vec<usize>) = (0..batch.chunks.len())
-            .partition(|&i| batch.chunks[i].tokens.len() <= KERNEL_CHUNK_TOKENS);
-        let short_chunks: Vec<&SeqChunk<'_>> = short.iter().map(|&i| &batch.chunks[i]).collect();
-        if short_chunks.is_empty() || !CpuKernels::accepts(weights, &short_chunks, cache) {
+        // Short chunks (decodes, short prompts) run on the kernels, single tokens first as
+        // they want them; longer prompt chunks on libtorch, whose GEMMs match the kernels'
+        // from a few hundred rows on and whose per-op cost no longer shows there.
+        let len = |i: usize| batch.chunks[i].tokens.len();
+        let mut order: Vec<usize> = (0..batch.chunks.len()).collect();
+        order.sort_by_key(|&i| (len(i) > 1, len(i) > KERNEL_CHUNK_TOKENS));
+        let n_short = order
+            .iter()
+            .take_while(|&&i| len(i) <= KERNEL_CHUNK_TOKENS)
+            .count();
+        let sorted: Vec<&SeqChunk<'_>> = order.iter().map(|&i| &batch.chunks[i]).collect();
+        let (short, long) = sorted.split_at(n_short);
+        if short.is_empty() || !CpuKernels::accepts(weights, short, cache) {
             return self.forward_torch(&batch.chunks.iter().collect::<Vec<_>>(), cache);
         }
         let kernels = self.kernels.get_or_init(|| {
@@ -219,31 +220,24 @@ impl Llama {
             k
         });
         let vocab = self.config.vocab_size as i64;
-        let rows = kernels.forward(weights, &short_chunks, cache);
-        let on_kernels = Tensor::from_slice(&rows).view([-1, vocab]);
-        if long.is_empty() {
-            return on_kernels;
+        let rows = kernels.forward(weights, short, cache);
+        let mut logits = Tensor::from_slice(&rows).view([-1, vocab]);
+        if !long.is_empty() {
+            logits = Tensor::cat(&[logits, self.forward_torch(long, cache)], 0);
         }
-        let long_chunks: Vec<&SeqChunk<'_>> = long.iter().map(|&i| &batch.chunks[i]).collect();
-        let on_torch = self.forward_torch(&long_chunks, cache);
-        // Back to chunk order: each part's rows are its sampling chunks, in order.
-        let sampled = |idx: &[usize]| -> Vec<usize> {
-            idx.iter()
-                .copied()
-                .filter(|&i| batch.chunks[i].sample)
-                .collect()
-        };
-        let (ss, sl) = (sampled(&short), sampled(&long));
-        let mut order: Vec<(usize, i64)> = Vec::with_capacity(ss.len() + sl.len());
-        order.extend(ss.iter().enumerate().map(|(r, &i)| (i, r as i64)));
-        order.extend(
-            sl.iter()
-                .enumerate()
-                .map(|(r, &i)| (i, (ss.len() + r) as i64)),
-        );
-        order.sort_unstable();
-        let index: Vec<i64> = order.into_iter().map(|(_, r)| r).collect();
-        Tensor::cat(&[on_kernels, on_torch], 0).index_select(0, &Tensor::from_slice(&index))
+        // The rows are the sampling chunks in sorted order; put them back in chunk order.
+        let mut back: Vec<(usize, i64)> = order
+            .iter()
+            .filter(|&&i| batch.chunks[i].sample)
+            .enumerate()
+            .map(|(r, &i)| (i, r as i64))
+            .collect();
+        back.sort_unstable();
+        if back.iter().enumerate().all(|(r, &(_, at))| at == r as i64) {
+            return logits;
+        }
+        let index: Vec<i64> = back.into_iter().map(|(_, r)| r).collect();
+        logits.index_select(0, &Tensor::from_slice(&index))
     }
 
     /// [`Llama::forward`] through libtorch ops only.

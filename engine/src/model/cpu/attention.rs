@@ -183,11 +183,7 @@ fn piece_body<E: Elem>(
     let g = heads / kvh;
     let row_stride = kvh * d;
     let scale = 1.0 / (d as f32).sqrt();
-    let (ms, rest) = st.split_at_mut(heads);
-    let (ls, acc) = rest.split_at_mut(heads);
-    ms.fill(f32::NEG_INFINITY);
-    ls.fill(0.0);
-    acc.fill(0.0);
+    let (ms, ls, acc) = fresh_state(st, heads);
     let mut scores = vec![0f32; heads * bs];
     for blk in blocks.0..blocks.1 {
         let n = bs.min(s.len - blk * bs);
@@ -216,6 +212,18 @@ fn piece_body<E: Elem>(
             }
         }
     }
+}
+
+/// A piece's state (see `decode`) split into running maxima, running sums and accumulators,
+/// set to "nothing seen yet".
+#[inline(always)]
+fn fresh_state(st: &mut [f32], heads: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+    let (ms, rest) = st.split_at_mut(heads);
+    let (ls, acc) = rest.split_at_mut(heads);
+    ms.fill(f32::NEG_INFINITY);
+    ls.fill(0.0);
+    acc.fill(0.0);
+    (ms, ls, acc)
 }
 
 /// Turns one block's scores (`[heads][bs]`, `n` used) into weights against the running max,
@@ -359,11 +367,7 @@ mod avx512 {
         let (d, bs, kvh) = (cache.head_dim, cache.block_size, cache.kv_heads);
         let row_stride = kvh * d;
         let scale = 1.0 / (d as f32).sqrt();
-        let (ms, rest) = st.split_at_mut(heads);
-        let (ls, acc) = rest.split_at_mut(heads);
-        ms.fill(f32::NEG_INFINITY);
-        ls.fill(0.0);
-        acc.fill(0.0);
+        let (ms, ls, acc) = super::fresh_state(st, heads);
         let mut scores = vec![0f32; heads * bs];
         for blk in blocks.0..blocks.1 {
             let n = bs.min(s.len - blk * bs);
@@ -453,11 +457,7 @@ mod avx512 {
         let g = heads / kvh;
         let row_stride = kvh * d;
         let scale = 1.0 / (d as f32).sqrt();
-        let (ms, rest) = st.split_at_mut(heads);
-        let (ls, acc) = rest.split_at_mut(heads);
-        ms.fill(f32::NEG_INFINITY);
-        ls.fill(0.0);
-        acc.fill(0.0);
+        let (ms, ls, acc) = super::fresh_state(st, heads);
         let mut scores = vec![0f32; heads * bs];
         for blk in blocks.0..blocks.1 {
             let n = bs.min(s.len - blk * bs);

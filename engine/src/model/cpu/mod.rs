@@ -199,51 +199,31 @@ impl CpuKernels {
     }
 
     /// Runs the chunks (see [`CpuKernels::accepts`]), writing their K/V into `cache`.
-    /// Returns logits `[samples, vocab]`, one row per chunk with `sample`, in chunk order.
-    /// A step of single tokens runs wholly on the team; with prefill chunks, their attention
-    /// runs as libtorch's SDPA on this thread between the team's halves of each layer (on a
-    /// team thread it would start a second OpenMP team).
+    /// `chunks` must list single-token chunks first (their rows and queries are then
+    /// contiguous). Returns logits `[samples, vocab]`, one row per chunk with `sample`, in
+    /// chunk order. A step of single tokens runs wholly on the team; with prefill chunks,
+    /// their attention runs as libtorch's SDPA on this thread between the team's halves of
+    /// each layer (on a team thread it would start a second OpenMP team).
     pub fn forward(
         &self,
         w: &KernelWeights,
         chunks: &[&SeqChunk<'_>],
         cache: &mut KvCache,
     ) -> Vec<f32> {
-        // Single tokens first: their rows and queries are then contiguous.
-        let mut order: Vec<usize> = (0..chunks.len()).collect();
-        order.sort_by_key(|&i| chunks[i].tokens.len() > 1);
-        let sorted: Vec<&SeqChunk<'_>> = order.iter().map(|&i| chunks[i]).collect();
-        let prefill = sorted.iter().any(|c| c.tokens.len() > 1);
-        let (logits, sampled) = if prefill {
-            self.dispatch(w, &sorted, cache, true)
-        } else {
-            self.team.run(|| self.dispatch(w, &sorted, cache, false))
+        let n_dec = chunks.iter().take_while(|c| c.tokens.len() == 1).count();
+        assert!(
+            chunks[n_dec..].iter().all(|c| c.tokens.len() > 1),
+            "single-token chunks come first"
+        );
+        let prefill = n_dec < chunks.len();
+        let mut step = |prefill| match w.kind {
+            Kind::BFloat16 => self.step::<u16>(w, chunks, n_dec, cache, prefill),
+            _ => self.step::<f32>(w, chunks, n_dec, cache, prefill),
         };
-        // Back to chunk order: `sampled` lists the sorted positions whose rows `logits` holds.
-        let vocab = w.lm_head.n;
-        let mut rows: Vec<(usize, usize)> = sampled
-            .iter()
-            .enumerate()
-            .map(|(r, &si)| (order[si], r))
-            .collect();
-        rows.sort_unstable();
-        let mut out = Vec::with_capacity(logits.len());
-        for (_, r) in rows {
-            out.extend_from_slice(&logits[r * vocab..(r + 1) * vocab]);
-        }
-        out
-    }
-
-    fn dispatch(
-        &self,
-        w: &KernelWeights,
-        chunks: &[&SeqChunk<'_>],
-        cache: &mut KvCache,
-        prefill: bool,
-    ) -> (Vec<f32>, Vec<usize>) {
-        match w.kind {
-            Kind::BFloat16 => self.step::<u16>(w, chunks, cache, prefill),
-            _ => self.step::<f32>(w, chunks, cache, prefill),
+        if prefill {
+            step(true)
+        } else {
+            self.team.run(|| step(false))
         }
     }
 
@@ -252,9 +232,10 @@ impl CpuKernels {
         &self,
         w: &KernelWeights,
         chunks: &[&SeqChunk<'_>],
+        n_dec: usize,
         cache: &mut KvCache,
         prefill: bool,
-    ) -> (Vec<f32>, Vec<usize>) {
+    ) -> Vec<f32> {
         let c = &w.config;
         let (hd, heads, kvh, d, inter) = (
             c.hidden_size,
@@ -281,7 +262,6 @@ impl CpuKernels {
             }
         }
         let m = rows.len();
-        let n_dec = chunks.iter().take_while(|c| c.tokens.len() == 1).count();
         let mut x = vec![0f32; m * hd];
         for (row, &(t, _, _)) in x.chunks_exact_mut(hd).zip(&rows) {
             let t = t as usize;
@@ -354,13 +334,11 @@ impl CpuKernels {
             });
         }
         // The last row of each sampling chunk.
-        let mut sampled = Vec::new();
         let mut last_rows = Vec::new();
         let mut end = 0;
-        for (si, ch) in chunks.iter().enumerate() {
+        for ch in chunks {
             end += ch.tokens.len();
             if ch.sample {
-                sampled.push(si);
                 last_rows.push(end - 1);
             }
         }
@@ -377,7 +355,7 @@ impl CpuKernels {
                     .matmul(team, isa, &hs, n, hd, &mut logits, vocab, false, &mut xb)
             });
         }
-        (logits, sampled)
+        logits
     }
 }
 

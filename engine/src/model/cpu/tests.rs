@@ -296,7 +296,7 @@ mod step {
             .iter()
             .map(|(_, kind)| KvCache::new(&c, 40, bs, *kind, Device::Cpu))
             .collect();
-        let mut seqs: Vec<Seq> = [(5usize, 0u32), (20, 6), (40, 12), (33, 20)]
+        let mut seqs: Vec<Seq> = [(5usize, 0u32), (20, 6), (40, 12), (90, 20)]
             .iter()
             .map(|&(len, first_block)| Seq {
                 tokens: (0..len as u32)
@@ -319,10 +319,11 @@ mod step {
                 .iter()
                 .map(|&i| {
                     let s = &seqs[i];
-                    // The new prompt is chunked: 20 tokens at step 3, the rest (attending to
-                    // those through the cache) at step 4.
+                    // The new prompt is chunked: 70 tokens at step 3 (over the kernels'
+                    // chunk size, so libtorch's), the rest (attending to those through the
+                    // cache, on the kernels) at step 4.
                     let end = if i == 3 && step == 3 {
-                        20
+                        70
                     } else {
                         s.tokens.len()
                     };
