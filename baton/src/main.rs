@@ -40,6 +40,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: allocator settings are read as arenas are made.
+    engine::host_memory::keep_freed_memory();
     let cli = Cli::parse();
     // A server reports its progress; a one-shot command only its problems.
     let default_level = match cli.command {

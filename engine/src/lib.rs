@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod export;
+pub mod host_memory;
 pub mod kv_cache;
 pub mod loader;
 pub mod mock;

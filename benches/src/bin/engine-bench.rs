@@ -103,6 +103,8 @@ fn run_batch(engine: &mut Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Re
 }
 
 fn main() -> Result<()> {
+    // As `baton` does, so the bench measures what a server runs.
+    engine::host_memory::keep_freed_memory();
     let args = Args::parse();
     if args.threads > 0 {
         tch::set_num_threads(args.threads);

@@ -6,8 +6,22 @@ use tch::{Device, Kind, Tensor};
 
 use super::SeqChunk;
 
-/// Longest prefill chunk whose attention runs in f32 when the model is bf16.
+/// Longest prefill chunk whose attention runs in f32 when the model is bf16 on a CPU without
+/// AMX.
 const F32_SDPA_MAX: i64 = 1024;
+
+/// With AMX, libtorch's bf16 flash SDPA is the faster one: served 512-token prefill steps took
+/// 150 ms with it against 230–270 ms upcast to f32 (Xeon with amx_bf16, 2026-12-06).
+fn f32_sdpa_max() -> i64 {
+    static MAX: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        if super::cpu::Isa::amx_bf16() {
+            0
+        } else {
+            F32_SDPA_MAX
+        }
+    })
+}
 
 /// Index tensors for one step, built once and shared by every layer.
 pub struct AttentionPlan {
@@ -157,11 +171,11 @@ impl AttentionPlan {
             outs.push(o.reshape([*b, heads * d]));
         }
         for p in &self.prefills {
-            // libtorch's bf16 flash SDPA on CPU is up to 1.8× slower than its f32 one below
-            // ~1 000 queries (`examples/prefill_attention`: 569 against 311 µs at 128, 5.9
-            // against 4.1 ms at 512; even at 2 048), so short chunks attend in f32.
+            // Without AMX, libtorch's bf16 flash SDPA on CPU is up to 1.8× slower than its f32
+            // one below ~1 000 queries (AMD EPYC with avx512_bf16, 2026-12-03: 569 against
+            // 311 µs at 128, 5.9 against 4.1 ms at 512), so short chunks attend in f32 there.
             let up = |t: Tensor| {
-                if p.len <= F32_SDPA_MAX && t.kind() == Kind::BFloat16 {
+                if p.len <= f32_sdpa_max() && t.kind() == Kind::BFloat16 {
                     t.to_kind(Kind::Float)
                 } else {
                     t
