@@ -43,7 +43,7 @@ impl Isa {
     }
 
     /// Whether the CPU has AMX tiles for bf16 (`amx_bf16`), which libtorch's oneDNN GEMMs and
-    /// flash attention use for bf16 on CPU: there its bf16 ops beat its f32 ones at every size.
+    /// flash attention use for bf16 on CPU (why bf16 prompt attention is not upcast there).
     pub fn amx_bf16() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
