@@ -157,10 +157,10 @@ fn piece<E: Elem>(
         }
         // SAFETY: the variant was detected on this CPU.
         match isa {
-            Isa::Avx512Bf16 | Isa::Avx512 if cache.head_dim.is_multiple_of(16) => {
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512 if cache.head_dim.is_multiple_of(16) => {
                 return unsafe { avx512::piece(q, heads, s, blocks, cache, st) };
             }
-            Isa::Avx512Bf16 | Isa::Avx512 | Isa::Avx2 => {
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512 | Isa::Avx2 => {
                 return unsafe { avx2(q, heads, s, blocks, cache, st) };
             }
             Isa::Generic => {}

@@ -2,6 +2,9 @@
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512-BF16 plus AMX bf16 tiles (granted to the process): matmuls of several rows run
+    /// on tiles ([`super::amx`]), everything else as [`Isa::Avx512Bf16`].
+    Amx,
     /// AVX-512 with BF16 dot products (`vdpbf16ps`): bf16 weights multiply natively.
     Avx512Bf16,
     /// AVX-512F: bf16 weights are widened to f32 in registers.
@@ -30,6 +33,9 @@ impl Isa {
                 && std::is_x86_feature_detected!("avx512vl")
                 && std::is_x86_feature_detected!("fma");
             if avx512 && std::is_x86_feature_detected!("avx512bf16") {
+                if super::amx::available() {
+                    return Isa::Amx;
+                }
                 return Isa::Avx512Bf16;
             }
             if avx512 {
@@ -61,13 +67,20 @@ impl Isa {
     }
 
     fn below(best: Isa) -> Vec<Isa> {
-        let all = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Generic];
-        let at = all.iter().position(|&i| i == best).unwrap_or(3);
+        let all = [
+            Isa::Amx,
+            Isa::Avx512Bf16,
+            Isa::Avx512,
+            Isa::Avx2,
+            Isa::Generic,
+        ];
+        let at = all.iter().position(|&i| i == best).unwrap_or(all.len() - 1);
         all[at..].to_vec()
     }
 
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Amx => "amx",
             Isa::Avx512Bf16 => "avx512-bf16",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",

@@ -3,11 +3,14 @@
 //! tensors are tiny (a few rows), so libtorch spends more time dispatching its ~30 ops per
 //! layer, and forking its OpenMP team for each, than computing; its decode attention has to
 //! gather the block table into a padded copy; and its bf16 matmul without AMX is ~2× slower
-//! than [`matmul`] even at 512 rows. Here a step is one pass over weights repacked for
+//! than [`matmul`] even at 512 rows. Where the CPU has AMX, [`matmul`] multiplies steps of
+//! several rows on tiles ([`amx`]). Here a step is one pass over weights repacked for
 //! streaming ([`matmul`]), decode attention reads the paged cache in place ([`attention`]),
 //! and the element-wise pieces are fused into the loops around them. Only a prefill chunk's
 //! attention stays on libtorch (its flash SDPA, over the chunk's blocks of the cache).
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod attention;
 mod isa;
 mod matmul;

@@ -35,6 +35,11 @@ fn matmul_matches_f64_on_every_isa_shape_and_thread_count() {
             (9, 128, 33),
             (17, 31, 64),
             (8, 2, 1),
+            // AMX tiles: a full tile of rows, two row blocks of 32 with a ragged third, K of
+            // several tile blocks with a padded tail.
+            (16, 64, 32),
+            (70, 200, 50),
+            (4, 33, 96),
         ] {
             let x = randn(&mut rng, m * k);
             let w_out_in = randn(&mut rng, n * k);
@@ -53,7 +58,7 @@ fn matmul_matches_f64_on_every_isa_shape_and_thread_count() {
                 };
                 // The dpbf16 kernel rounds x to bf16 as well; others multiply it in f32.
                 let (xr, wr) = if bf {
-                    let xr = if isa == Isa::Avx512Bf16 {
+                    let xr = if matches!(isa, Isa::Amx | Isa::Avx512Bf16) {
                         round_bf16(&x)
                     } else {
                         x.clone()
