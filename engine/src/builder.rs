@@ -156,20 +156,6 @@ impl EngineOptions {
     }
 }
 
-/// Runs `f` on a thread that ends with it. Every thread that runs a parallel libtorch op keeps
-/// an OpenMP team for the rest of its life, and once a process holds more team threads than
-/// cores, libgomp stops spinning at its barriers and sleeps in futexes instead: each of the
-/// ~900 small ops of a decode step then pays two wake-ups. Loading and cache allocation on
-/// the caller's thread (the server's main thread) left such a team behind and made served
-/// decode ~1.8× slower than the engine alone (72.6 against 39.8 ms/token, batch 1); work done
-/// here leaves none.
-fn on_passing_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| match s.spawn(f).join() {
-        Ok(value) => value,
-        Err(panic) => std::panic::resume_unwind(panic),
-    })
-}
-
 /// A model placed on its device in its compute dtype, from which any number of engines are
 /// built; they share the weight tensors (one copy in memory for `baton serve --workers N`).
 pub struct SharedModel {
@@ -180,7 +166,7 @@ pub struct SharedModel {
 impl SharedModel {
     /// Takes the weights of `loaded` into a model of `kind` on `device`.
     pub fn new(loaded: LoadedModel, kind: Kind, device: Device) -> Result<Self> {
-        on_passing_thread(move || {
+        crate::host_threads::on_passing_thread(move || {
             let LoadedModel { card, mut weights } = loaded;
             let model = Llama::new(&card.config, &mut weights, kind, device)?;
             Ok(SharedModel { model, card })
@@ -228,7 +214,9 @@ impl SharedModel {
         let card = self.card(opts);
         let model = self.model.share();
         let num_blocks = layout.num_blocks;
-        on_passing_thread(move || engine_over(model, num_blocks, card, opts, memory))
+        crate::host_threads::on_passing_thread(move || {
+            engine_over(model, num_blocks, card, opts, memory)
+        })
     }
 }
 

@@ -15,6 +15,7 @@ pub mod error;
 pub mod executor;
 pub mod export;
 pub mod host_memory;
+pub mod host_threads;
 pub mod kv_cache;
 pub mod loader;
 pub mod mock;

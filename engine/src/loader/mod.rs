@@ -62,8 +62,13 @@ fn read<T>(model: &str, hf: fn(&Path) -> Result<T>, gguf: fn(&Path) -> Result<T>
     }
 }
 
-/// Loads a model's card and weights.
+/// Loads a model's card and weights, on a thread that ends with the work (reading a GGUF runs
+/// parallel libtorch ops: [`crate::host_threads`]).
 pub fn load(model: &str) -> Result<LoadedModel> {
+    crate::host_threads::on_passing_thread(|| load_here(model))
+}
+
+fn load_here(model: &str) -> Result<LoadedModel> {
     let loaded = read(model, hf::load, gguf::load)?;
     let path = resolve(model)?;
     let source = if path.is_dir() {
