@@ -11,6 +11,7 @@ use half::bf16;
 
 #[cfg(target_arch = "x86_64")]
 use super::amx;
+use super::buffer::WeightBuffer;
 use super::isa::Isa;
 use super::team::{SyncPtr, Team};
 
@@ -34,39 +35,13 @@ const K_BLOCK_PAIRS: usize = 16;
 pub enum Packed {
     /// Per strip `[kpp][STRIP][2]` bf16 bits, `kpp` = [`padded_pairs`]`(K)` (the pairs past K
     /// are zeros).
-    Bf16(LineAligned<u16>),
+    Bf16(WeightBuffer<u16>),
     /// Per strip `[K][STRIP]`.
-    F32(LineAligned<f32>),
-}
-
-/// Zeroed storage whose first element starts a cache line. glibc's large allocations start
-/// 16 bytes past a page, so every 64-byte row of a strip would straddle two lines: AMX tile
-/// loads then ran at a quarter of their speed (a 32-row × 576 × 32 strip product: 214 cycles
-/// per K block against 62 aligned), and every AVX-512 load of a strip was split.
-pub struct LineAligned<T> {
-    buf: Vec<T>,
-    start: usize,
-    len: usize,
-}
-
-impl<T: Copy + Default> LineAligned<T> {
-    fn zeroed(len: usize) -> Self {
-        let buf = vec![T::default(); len + 64 / std::mem::size_of::<T>()];
-        let start = buf.as_ptr().align_offset(64);
-        LineAligned { buf, start, len }
-    }
-
-    fn as_slice(&self) -> &[T] {
-        &self.buf[self.start..self.start + self.len]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [T] {
-        &mut self.buf[self.start..self.start + self.len]
-    }
+    F32(WeightBuffer<f32>),
 }
 
 /// Resizes `xb` to at least `len` zeros past its first cache-line boundary and returns that
-/// part (the scratch stays a plain `Vec` for the callers).
+/// part (the scratch stays a plain `Vec` for the callers; why the line: [`super::buffer`]).
 fn aligned_scratch(xb: &mut Vec<u32>, len: usize) -> &mut [u32] {
     xb.clear();
     xb.resize(len + 16, 0);
@@ -88,7 +63,7 @@ impl PackedWeight {
         assert_eq!(w.len(), k * n, "weight of {k} x {n}");
         let kpp = padded_pairs(k);
         let strips = n.div_ceil(STRIP);
-        let mut packed = LineAligned::zeroed(strips * kpp * STRIP * 2);
+        let mut packed = WeightBuffer::zeroed(strips * kpp * STRIP * 2);
         let data = packed.as_mut_slice();
         for s in 0..strips {
             let base = s * kpp * STRIP * 2;
@@ -111,7 +86,7 @@ impl PackedWeight {
     pub fn from_f32_out_in(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight of {n} x {k}");
         let strips = n.div_ceil(STRIP);
-        let mut packed = LineAligned::zeroed(strips * k * STRIP);
+        let mut packed = WeightBuffer::zeroed(strips * k * STRIP);
         let data = packed.as_mut_slice();
         for (o, row) in w.chunks_exact(k).enumerate() {
             let (s, c) = (o / STRIP, o % STRIP);
@@ -129,8 +104,8 @@ impl PackedWeight {
 
     pub fn bytes(&self) -> usize {
         match &self.data {
-            Packed::Bf16(d) => d.len * 2,
-            Packed::F32(d) => d.len * 4,
+            Packed::Bf16(d) => d.len() * 2,
+            Packed::F32(d) => d.len() * 4,
         }
     }
 

@@ -12,6 +12,7 @@
 #[cfg(target_arch = "x86_64")]
 mod amx;
 mod attention;
+mod buffer;
 mod isa;
 mod matmul;
 mod team;
