@@ -4,6 +4,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::cpu::CpuKernels;
 use super::SeqChunk;
 
 /// Longest prefill chunk whose attention runs in f32 when the model is bf16 on a CPU without
@@ -43,6 +44,8 @@ struct PrefillPlan {
     len: i64,
     context: i64,
     blocks: Tensor,
+    /// The same block ids, for the CPU kernels' attention.
+    table: Vec<u32>,
     mask: Option<Tensor>,
 }
 
@@ -104,7 +107,8 @@ impl AttentionPlan {
             let context = c.context_len as i64;
             let total = context + len;
             let used = (total as usize).div_ceil(block_size);
-            let blocks: Vec<i64> = c.block_table[..used].iter().map(|&b| b as i64).collect();
+            let table = c.block_table[..used].to_vec();
+            let blocks: Vec<i64> = table.iter().map(|&b| b as i64).collect();
             // Query i (absolute position context+i) sees keys 0..=context+i.
             let mask = (context > 0).then(|| {
                 let q = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(1) + context;
@@ -116,6 +120,7 @@ impl AttentionPlan {
                 len,
                 context,
                 blocks: Tensor::from_slice(&blocks).to_device(device),
+                table,
                 mask,
             });
             start += len;
@@ -132,7 +137,16 @@ impl AttentionPlan {
 
     /// `q`: `[T, heads, d]`; `k`, `v`: this step's `[T, kv_heads, d]` (already in `cache`);
     /// `cache`: the layer's `[num_blocks, 2, bs, kv_heads, d]`. Returns `[T, heads * d]`.
-    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cache: &Tensor) -> Tensor {
+    /// Prompt chunks attend on `kernels`' AMX tiles where it takes them
+    /// ([`CpuKernels::prefill_attention`]), else through libtorch's SDPA.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &Tensor,
+        kernels: Option<&CpuKernels>,
+    ) -> Tensor {
         let (kvh, d) = (cache.size()[3], cache.size()[4]);
         let heads = q.size()[1];
         let mut outs = Vec::with_capacity(1 + self.prefills.len());
@@ -171,6 +185,13 @@ impl AttentionPlan {
             outs.push(o.reshape([*b, heads * d]));
         }
         for p in &self.prefills {
+            let qc = q.narrow(0, p.start, p.len);
+            let tiles =
+                kernels.and_then(|k| k.prefill_attention(&qc, cache, &p.table, p.context as usize));
+            if let Some(o) = tiles {
+                outs.push(o.to_kind(q.kind()));
+                continue;
+            }
             // Without AMX, libtorch's bf16 flash SDPA on CPU is up to 1.8× slower than its f32
             // one below ~1 000 queries (AMD EPYC with avx512_bf16, 2026-12-03: 569 against
             // 311 µs at 128, 5.9 against 4.1 ms at 512), so short chunks attend in f32 there.

@@ -208,17 +208,7 @@ impl Llama {
         if short.is_empty() || !CpuKernels::accepts(weights, short, cache) {
             return self.forward_torch(&batch.chunks.iter().collect::<Vec<_>>(), cache);
         }
-        let kernels = self.kernels.get_or_init(|| {
-            let k = CpuKernels::new(tch::get_num_threads().max(1) as usize, Isa::detect());
-            tracing::info!(
-                isa = k.isa().name(),
-                threads = k.threads(),
-                on = k.team_backing(),
-                weight_copy_mib = weights.bytes() >> 20,
-                "decode steps and short prompt chunks run on the CPU kernels"
-            );
-            k
-        });
+        let kernels = self.kernels();
         let vocab = self.config.vocab_size as i64;
         let rows = kernels.forward(weights, short, cache);
         let mut logits = Tensor::from_slice(&rows).view([-1, vocab]);
@@ -238,6 +228,21 @@ impl Llama {
         }
         let index: Vec<i64> = back.into_iter().map(|(_, r)| r).collect();
         logits.index_select(0, &Tensor::from_slice(&index))
+    }
+
+    /// This handle's kernels, started on the calling (engine) thread at the first use.
+    fn kernels(&self) -> &CpuKernels {
+        self.kernels.get_or_init(|| {
+            let k = CpuKernels::new(tch::get_num_threads().max(1) as usize, Isa::detect());
+            tracing::info!(
+                isa = k.isa().name(),
+                threads = k.threads(),
+                on = k.team_backing(),
+                weight_copy_mib = self.kernel_weights.as_ref().map_or(0, |w| w.bytes() >> 20),
+                "decode steps and short prompt chunks run on the CPU kernels"
+            );
+            k
+        })
     }
 
     /// [`Llama::forward`] through libtorch ops only.
@@ -262,6 +267,9 @@ impl Llama {
         let ids = Tensor::from_slice(&ids).to_device(dev);
         let positions = Tensor::from_slice(&positions).to_device(dev);
         let plan = AttentionPlan::new(&chunks, cache.block_size(), self.kind, dev);
+        // Prompt chunks' attention on the kernels' AMX tiles where they run (not on the
+        // libtorch-only reference path, `use_cpu_kernels(false)`).
+        let kernels = (self.cpu_kernels && self.kernel_weights.is_some()).then(|| self.kernels());
         let (cos, sin) = self.rope.tables(&positions, self.kind);
 
         let c = &self.config;
@@ -289,7 +297,7 @@ impl Llama {
             let mut flat = layer_cache.view([-1, kvh, d]);
             let _ = flat.index_copy_(0, &plan.k_slots, &k);
             let _ = flat.index_copy_(0, &plan.v_slots, &v);
-            let attn = plan.attend(&q, &k, &v, layer_cache);
+            let attn = plan.attend(&q, &k, &v, layer_cache, kernels);
             x += layer.o_proj.forward(&attn);
             let h = self.rms_norm(&x, &layer.post_norm);
             let gu = layer.gate_up.forward(&h);

@@ -6,13 +6,16 @@
 //! than [`matmul`] even at 512 rows. Where the CPU has AMX, [`matmul`] multiplies steps of
 //! several rows on tiles ([`amx`]). Here a step is one pass over weights repacked for
 //! streaming ([`matmul`]), decode attention reads the paged cache in place ([`attention`]),
-//! and the element-wise pieces are fused into the loops around them. Only a prefill chunk's
-//! attention stays on libtorch (its flash SDPA, over the chunk's blocks of the cache).
+//! and the element-wise pieces are fused into the loops around them. A prefill chunk's
+//! attention stays on libtorch (its flash SDPA, over the chunk's blocks of the cache), except
+//! where the CPU has AMX: there chunks of the libtorch path attend on tiles ([`flash`]).
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
 mod attention;
 mod buffer;
+#[cfg(target_arch = "x86_64")]
+mod flash;
 mod isa;
 mod matmul;
 mod team;
@@ -190,6 +193,62 @@ impl CpuKernels {
 
     pub fn team_backing(&self) -> &'static str {
         self.team.backing()
+    }
+
+    /// Causal attention of one bf16 prompt chunk (`q`: `[len, heads, d]`, positions `context..`)
+    /// over `cache` (the layer's `[blocks, 2, bs, kv_heads, d]`, this chunk's K/V written)
+    /// through `table`, on AMX tiles ([`flash`]): `[len, heads * d]` bf16, or `None` where
+    /// the CPU has no tiles or the shape is not the kernel's (head dim 64, bf16, on CPU).
+    pub fn prefill_attention(
+        &self,
+        q: &Tensor,
+        cache: &Tensor,
+        table: &[u32],
+        context: usize,
+    ) -> Option<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fits = self.isa == Isa::Amx
+                && q.device() == tch::Device::Cpu
+                && q.kind() == Kind::BFloat16
+                && cache.kind() == Kind::BFloat16
+                && cache.is_contiguous()
+                && q.size()[2] as usize == flash::HEAD_DIM
+                && cache.size()[4] as usize == flash::HEAD_DIM;
+            if !fits {
+                return None;
+            }
+            let q = q.contiguous();
+            let (len, heads) = (q.size()[0] as usize, q.size()[1] as usize);
+            let (bs, kvh) = (cache.size()[2] as usize, cache.size()[3] as usize);
+            let width = heads * flash::HEAD_DIM;
+            let out = Tensor::empty(
+                [len as i64, width as i64],
+                (Kind::BFloat16, tch::Device::Cpu),
+            );
+            // SAFETY: contiguous CPU bf16 tensors of these sizes, alive for the call; `out` is
+            // written only through this slice.
+            let (qs, os) = unsafe {
+                (
+                    std::slice::from_raw_parts(q.data_ptr() as *const u16, len * width),
+                    std::slice::from_raw_parts_mut(out.data_ptr() as *mut u16, len * width),
+                )
+            };
+            let kv = flash::PagedKv {
+                ptr: SyncPtr(cache.data_ptr() as *mut u16),
+                block_size: bs,
+                kv_heads: kvh,
+            };
+            // SAFETY: Isa::Amx means the tiles were granted; the caller's table covers the
+            // chunk's positions.
+            unsafe { flash::prefill(&self.team, qs, heads, kv, table, context, len, os) };
+            Some(out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (q, cache, table, context);
+            None
+        }
     }
 
     /// Whether this step's chunks can run here: positions the tables cover, a cache this

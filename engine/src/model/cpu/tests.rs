@@ -198,6 +198,78 @@ fn attention_case<E: Elem>(
     }
 }
 
+/// The AMX prefill attention ([`super::flash`]) against an f64 softmax: chunks with and without
+/// cached context, lengths off the 16-row and 32-key blocks, GQA groups of 3, scattered blocks.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn prefill_attention_on_tiles_matches_f64_softmax() {
+    use super::flash::{self, PagedKv, HEAD_DIM};
+    if !Isa::available().contains(&Isa::Amx) {
+        eprintln!("no AMX on this CPU: the tile kernel is not run here");
+        return;
+    }
+    let d = HEAD_DIM;
+    let (kvh, heads, bs, num_blocks) = (2, 6, 16, 40);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for team in [Team::new(1), Team::new(2)] {
+        for &(context, len) in &[(0usize, 45usize), (37, 20), (0, 16), (64, 97), (5, 1)] {
+            let total = context + len;
+            let mut cache = vec![0u16; num_blocks * 2 * bs * kvh * d];
+            let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+            let table: Vec<u32> = (0..total.div_ceil(bs))
+                .map(|_| free.swap_remove(rng.random_range(0..free.len())))
+                .collect();
+            // keys[pos][h], values[pos][h] as the cache holds them (bf16).
+            let mut keys = vec![vec![Vec::new(); kvh]; total];
+            let mut values = vec![vec![Vec::new(); kvh]; total];
+            for pos in 0..total {
+                for h in 0..kvh {
+                    for (which, store) in [(0, &mut keys), (1, &mut values)] {
+                        let x = round_bf16(&randn(&mut rng, d));
+                        let (blk, slot) = (table[pos / bs] as usize, pos % bs);
+                        let at = (((blk * 2 + which) * bs + slot) * kvh + h) * d;
+                        for (c, &v) in x.iter().enumerate() {
+                            cache[at + c] = bf16::from_f32(v).to_bits();
+                        }
+                        store[pos][h] = x;
+                    }
+                }
+            }
+            let q = round_bf16(&randn(&mut rng, len * heads * d));
+            let qb: Vec<u16> = q.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+            let mut out = vec![0u16; len * heads * d];
+            let kv = PagedKv {
+                ptr: SyncPtr(cache.as_mut_ptr()),
+                block_size: bs,
+                kv_heads: kvh,
+            };
+            // SAFETY: AMX is available (checked above); the table covers every position.
+            team.run(|| unsafe {
+                flash::prefill(&team, &qb, heads, kv, &table, context, len, &mut out)
+            });
+            for i in 0..len {
+                let pos = context + i;
+                for h in 0..heads {
+                    let kh = h / (heads / kvh);
+                    let ks: Vec<Vec<f32>> = (0..=pos).map(|p| keys[p][kh].clone()).collect();
+                    let vs: Vec<Vec<f32>> = (0..=pos).map(|p| values[p][kh].clone()).collect();
+                    let want = reference_head(&q[(i * heads + h) * d..][..d], &ks, &vs);
+                    for (c, w) in want.iter().enumerate() {
+                        let got = bf16::from_bits(out[(i * heads + h) * d + c]).to_f32() as f64;
+                        // P and the output are rounded to bf16.
+                        assert!(
+                            (got - w).abs() < 2e-2,
+                            "context {context} len {len} row {i} head {h}[{c}] threads {}: \
+                             {got} vs {w}",
+                            team.threads()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn decode_attention_matches_f64_softmax_on_every_isa() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
