@@ -43,8 +43,6 @@ fn apply() -> bool {
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
-    use std::process::Command;
-
     /// Set in the child this test starts: which measurement it runs.
     const CHILD: &str = "BATON_HOST_MEMORY_CHILD";
 
@@ -77,25 +75,12 @@ mod tests {
     /// The measurement runs in a child process of its own: page faults are counted per
     /// process, and the other tests of this binary allocate beside it.
     fn faults_in_child(tuned: bool) -> i64 {
-        let exe = std::env::current_exe().expect("test binary");
-        let out = Command::new(exe)
-            .args([
-                "--exact",
-                "host_memory::tests::child_measures",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, if tuned { "tuned" } else { "default" })
-            .env_remove("GLIBC_TUNABLES")
-            .output()
-            .expect("start the child");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "child failed: {text}");
-        text.lines()
-            // libtest prints the test's name on the same line before its output.
-            .find_map(|l| l.split_once("faults=").map(|(_, n)| n))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no count from the child: {text}"))
+        let mode = if tuned { "tuned" } else { "default" };
+        crate::test_child::measure_in_child(
+            "host_memory::tests::child_measures",
+            (CHILD, mode),
+            "faults",
+        )
     }
 
     #[test]

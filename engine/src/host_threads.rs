@@ -26,7 +26,6 @@ pub fn on_passing_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
-    use std::process::Command;
     use std::time::{Duration, Instant};
 
     use tch::{Device, Kind, Tensor};
@@ -74,23 +73,9 @@ mod tests {
     }
 
     fn extra_in_child(parked: bool) -> usize {
-        let exe = std::env::current_exe().expect("test binary");
-        let out = Command::new(exe)
-            .args([
-                "--exact",
-                "host_threads::tests::child_measures",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, if parked { "parked" } else { "short" })
-            .output()
-            .expect("start the child");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "child failed: {text}");
-        text.lines()
-            .find_map(|l| l.split_once("extra=").map(|(_, n)| n))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no count from the child: {text}"))
+        let mode = if parked { "parked" } else { "short" };
+        let test = "host_threads::tests::child_measures";
+        crate::test_child::measure_in_child(test, (CHILD, mode), "extra") as usize
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub mod scheduler;
 pub mod sequence;
 pub mod weights;
 
+#[cfg(test)]
+mod test_child;
+
 pub use builder::{
     auto_kind, build_engine, mock_engine, parse_device, parse_kind, resolve_kind, EngineOptions,
     SharedModel,

@@ -55,9 +55,30 @@ pub fn available() -> bool {
     })
 }
 
-/// The 64-byte `ldtilecfg` operand: palette 1, eight tiles of 16 rows × 64 bytes.
+/// The 64-byte `ldtilecfg` operand: palette 1, eight tiles of 16 rows × 64 bytes — the one
+/// shape every tile kernel here uses.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
+
+/// Configures this thread's tiles ([`CONFIG`]), zeroing them.
+///
+/// # Safety
+/// [`available`] returned true.
+#[inline]
+pub unsafe fn configure() {
+    // SAFETY: AMX was granted to the process (the caller's promise); CONFIG is a valid palette.
+    unsafe { asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly)) };
+}
+
+/// Gives this thread's tile state back: the same threads run libtorch's oneDNN kernels, which
+/// configure tiles of their own, and an idle tile state keeps the thread's XSAVE area small.
+///
+/// # Safety
+/// [`available`] returned true.
+#[inline]
+pub unsafe fn release() {
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+}
 
 const CONFIG: TileConfig = {
     let mut c = [0u8; 64];
@@ -97,8 +118,8 @@ pub unsafe fn strips(
     let mut c = Sums([0f32; 4 * TILE_ROWS * 16]);
     let x_stride = kpp * 4;
     let w_stride = STRIP * 2 * 2;
-    // SAFETY: AMX was granted to the process (the caller's promise); CONFIG is a valid palette.
-    unsafe { asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly)) };
+    // SAFETY: AMX was granted to the process (the caller's promise).
+    unsafe { configure() };
     // Row blocks outside, strips inside: for a step of many rows a block's rows of x stay near
     // while the strips stream by (at most 1.1× faster than the other order at 512 rows, where
     // libtorch's GEMMs take over anyway; the same for a decode step's one block).
@@ -135,8 +156,8 @@ pub unsafe fn strips(
         }
         r0 += rows;
     }
-    // SAFETY: gives the tile state back (the thread's XSAVE area stays small).
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    // SAFETY: as above.
+    unsafe { release() };
 }
 
 /// The four accumulator tiles as stored, 16 × 16 f32 each.

@@ -24,6 +24,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
+use super::amx;
 use super::team::{SyncPtr, Team};
 
 /// The head dim the kernel handles.
@@ -32,22 +33,6 @@ pub const HEAD_DIM: usize = 64;
 const KEYS: usize = 32;
 /// Query rows per task (the lanes of a vector, the columns of a tile).
 const ROWS: usize = 16;
-
-/// The 64-byte `ldtilecfg` operand: palette 1; every tile 16 rows of 64 bytes.
-#[repr(C, align(64))]
-struct TileConfig([u8; 64]);
-
-const CONFIG: TileConfig = {
-    let mut c = [0u8; 64];
-    c[0] = 1;
-    let mut t = 0;
-    while t < 8 {
-        c[16 + 2 * t] = 64;
-        c[48 + t] = 16;
-        t += 1;
-    }
-    TileConfig(c)
-};
 
 /// One layer's paged cache as the kernel reads it: `[blocks][2][block_size][kv_heads][d]` bf16.
 #[derive(Clone, Copy)]
@@ -201,7 +186,7 @@ unsafe fn task(
         19, 3, 18, 2, 17, 1, 16, 0,
     );
     unsafe {
-        asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+        amx::configure();
         let qp = qt.0.as_ptr();
         asm!(
             "tileloadd tmm0, [{a} + {s}*1]",
@@ -332,7 +317,7 @@ unsafe fn task(
             *x = _mm512_add_ps(*x, unsafe { _mm512_load_ps(part.0.as_ptr().add(c * ROWS)) });
         }
     }
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    unsafe { amx::release() };
     let inv = _mm512_div_ps(_mm512_set1_ps(1.0), l);
     // Oᵀ scaled into `st` (d-major), read back row-major into `rows_out`, rounded 16 at a time.
     let mut rows_out = Scores([0.0; KEYS * ROWS]);
