@@ -245,7 +245,8 @@ impl Llama {
         })
     }
 
-    /// [`Llama::forward`] through libtorch ops only.
+    /// [`Llama::forward`] through libtorch ops (with the kernels on, a prompt chunk's attention
+    /// on their AMX tiles where the CPU has them).
     fn forward_torch(&self, input: &[&SeqChunk<'_>], cache: &mut KvCache) -> Tensor {
         // Single-token chunks go first so attention can batch them.
         let mut order: Vec<usize> = (0..input.len()).collect();
