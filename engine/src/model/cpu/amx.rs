@@ -21,10 +21,8 @@
 use std::arch::asm;
 use std::sync::OnceLock;
 
-use super::matmul::STRIP;
+use super::matmul::{K_BLOCK_PAIRS, STRIP};
 
-/// Pairs of inputs (bf16 × 2 = 4 bytes) in one K block: a tile row of 64 bytes.
-pub const K_BLOCK_PAIRS: usize = 16;
 /// Rows of x in one tile.
 pub const TILE_ROWS: usize = 16;
 

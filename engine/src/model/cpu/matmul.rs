@@ -29,8 +29,8 @@ fn padded_pairs(k: usize) -> usize {
 }
 
 /// AMX's K block in pairs (16 × 4 bytes, one tile row), kept on every target so the packed
-/// layout is the same everywhere.
-const K_BLOCK_PAIRS: usize = 16;
+/// layout is the same everywhere; [`super::amx`] walks the strips by it.
+pub const K_BLOCK_PAIRS: usize = 16;
 
 pub enum Packed {
     /// Per strip `[kpp][STRIP][2]` bf16 bits, `kpp` = [`padded_pairs`]`(K)` (the pairs past K
