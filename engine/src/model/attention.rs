@@ -36,6 +36,8 @@ pub struct AttentionPlan {
     prefills: Vec<PrefillPlan>,
     /// K slot (flat row into `[num_blocks * 2 * bs]`) of every new token; V is `+ block_size`.
     pub k_slots: Tensor,
+    /// The same K slots, for the CPU kernels' cache write.
+    pub k_slot_list: Vec<i64>,
     pub v_slots: Tensor,
 }
 
@@ -132,6 +134,7 @@ impl AttentionPlan {
             prefills,
             k_slots,
             v_slots,
+            k_slot_list: slots,
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::attention::AttentionPlan;
-use super::cpu::{CpuKernels, Isa, KernelWeights, LayerTensors, ModelTensors};
+use super::cpu::{CpuKernels, Isa, KernelWeights, LayerTensors, ModelTensors, Norm};
 use super::linear::Linear;
 use super::rope::{self, Rope};
 use super::{ForwardBatch, SeqChunk};
@@ -266,23 +266,61 @@ impl Llama {
         }
         let dev = self.device;
         let ids = Tensor::from_slice(&ids).to_device(dev);
-        let positions = Tensor::from_slice(&positions).to_device(dev);
         let plan = AttentionPlan::new(&chunks, cache.block_size(), self.kind, dev);
         // Prompt chunks' attention on the kernels' AMX tiles where they run (not on the
         // libtorch-only reference path, `use_cpu_kernels(false)`).
         let kernels = (self.cpu_kernels && self.kernel_weights.is_some()).then(|| self.kernels());
-        let (cos, sin) = self.rope.tables(&positions, self.kind);
+        // bf16 on CPU with the kernels on: the element-wise pieces around libtorch's GEMMs
+        // run fused on the kernels' team (`cpu::rows`).
+        let fused = kernels
+            .zip(self.kernel_weights.as_deref())
+            .filter(|(_, w)| dev == Device::Cpu && CpuKernels::fuses_rows(w));
 
+        let mut x = self.embed.index_select(0, &ids);
+        // The fused path carries each residual addition into the next norm: the last one
+        // comes out beside x.
+        let last_delta = match fused {
+            Some((k, w)) => Some(self.layers_fused(k, w, &mut x, &positions, &plan, cache)),
+            None => {
+                self.layers_torch(&mut x, &positions, &plan, cache, kernels);
+                None
+            }
+        };
+        let rows: Vec<i64> = last_row.into_iter().flatten().collect();
+        if rows.is_empty() {
+            return Tensor::zeros([0, self.config.vocab_size as i64], (Kind::Float, dev));
+        }
+        let rows = Tensor::from_slice(&rows).to_device(dev);
+        let mut x = x.index_select(0, &rows);
+        let h = match (fused, last_delta) {
+            (Some((k, w)), Some(delta)) => {
+                k.add_norm(w, Norm::Final, &mut x, Some(&delta.index_select(0, &rows)))
+            }
+            _ => self.rms_norm(&x, &self.norm),
+        };
+        self.lm_head.forward(&h).to_kind(Kind::Float)
+    }
+
+    /// The layers as libtorch ops, adding each into the residual stream `x`.
+    fn layers_torch(
+        &self,
+        x: &mut Tensor,
+        positions: &[i64],
+        plan: &AttentionPlan,
+        cache: &mut KvCache,
+        kernels: Option<&CpuKernels>,
+    ) {
         let c = &self.config;
         let (heads, kvh, d) = (
             c.num_attention_heads as i64,
             c.num_key_value_heads as i64,
             c.head_dim as i64,
         );
-        let t = ids.size()[0];
-        let mut x = self.embed.index_select(0, &ids);
+        let t = positions.len() as i64;
+        let positions = Tensor::from_slice(positions).to_device(self.device);
+        let (cos, sin) = self.rope.tables(&positions, self.kind);
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(&x, &layer.input_norm);
+            let h = self.rms_norm(x, &layer.input_norm);
             let qkv = layer.qkv.forward(&h);
             // Q and K heads are adjacent in the fused output: rotate them in one go.
             let qk = rope::apply(
@@ -299,20 +337,50 @@ impl Llama {
             let _ = flat.index_copy_(0, &plan.k_slots, &k);
             let _ = flat.index_copy_(0, &plan.v_slots, &v);
             let attn = plan.attend(&q, &k, &v, layer_cache, kernels);
-            x += layer.o_proj.forward(&attn);
-            let h = self.rms_norm(&x, &layer.post_norm);
+            *x += layer.o_proj.forward(&attn);
+            let h = self.rms_norm(x, &layer.post_norm);
             let gu = layer.gate_up.forward(&h);
             let inter = c.intermediate_size as i64;
             let act = gu.narrow(1, 0, inter).silu() * gu.narrow(1, inter, inter);
-            x += layer.down.forward(&act);
+            *x += layer.down.forward(&act);
         }
-        let rows: Vec<i64> = last_row.into_iter().flatten().collect();
-        if rows.is_empty() {
-            return Tensor::zeros([0, c.vocab_size as i64], (Kind::Float, dev));
+    }
+
+    /// The layers with libtorch's GEMMs and the kernels' fused element-wise pieces (bf16 on
+    /// CPU, [`CpuKernels::fuses_rows`]). Returns the last layer's output, not yet added to
+    /// `x` (the final norm adds it, for the sampled rows only).
+    fn layers_fused(
+        &self,
+        k: &CpuKernels,
+        w: &KernelWeights,
+        x: &mut Tensor,
+        positions: &[i64],
+        plan: &AttentionPlan,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        let c = &self.config;
+        let (heads, kvh, d) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim as i64,
+        );
+        let t = positions.len() as i64;
+        let mut pending: Option<Tensor> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = k.add_norm(w, Norm::Input(i), x, pending.as_ref());
+            let mut qkv = layer.qkv.forward(&h).contiguous();
+            let layer_cache = cache.layer_mut(i);
+            k.rope_into_cache(w, &mut qkv, positions, &plan.k_slot_list, layer_cache);
+            let q = qkv.narrow(1, 0, heads * d).view([t, heads, d]);
+            let kk = qkv.narrow(1, heads * d, kvh * d).view([t, kvh, d]);
+            let v = qkv.narrow(1, (heads + kvh) * d, kvh * d).view([t, kvh, d]);
+            let attn = plan.attend(&q, &kk, &v, layer_cache, Some(k));
+            let o = layer.o_proj.forward(&attn);
+            let h = k.add_norm(w, Norm::Post(i), x, Some(&o));
+            let act = k.silu_mul(&layer.gate_up.forward(&h).contiguous());
+            pending = Some(layer.down.forward(&act));
         }
-        let rows = Tensor::from_slice(&rows).to_device(dev);
-        let h = self.rms_norm(&x.index_select(0, &rows), &self.norm);
-        self.lm_head.forward(&h).to_kind(Kind::Float)
+        pending.expect("a model has layers")
     }
 }
 

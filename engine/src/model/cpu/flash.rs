@@ -358,7 +358,7 @@ struct Part([f32; HEAD_DIM * ROWS]);
 /// e^x for 16 lanes: the polynomial of [`super::vector::exp`], scaled by 2^n with `vscalefps`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn exp16(x: __m512) -> __m512 {
+pub(super) fn exp16(x: __m512) -> __m512 {
     let x = _mm512_min_ps(
         _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
         _mm512_set1_ps(88.0),

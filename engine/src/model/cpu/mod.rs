@@ -18,6 +18,7 @@ mod buffer;
 mod flash;
 mod isa;
 mod matmul;
+mod rows;
 mod team;
 mod vector;
 
@@ -30,6 +31,7 @@ use tch::{Kind, Tensor};
 use self::attention::{CacheLayer, Query};
 pub use self::isa::Isa;
 use self::matmul::PackedWeight;
+pub use self::rows::Norm;
 use self::team::{SyncPtr, Team};
 use self::vector::Elem;
 use super::SeqChunk;
