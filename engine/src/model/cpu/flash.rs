@@ -1,11 +1,11 @@
 //! Causal attention of a prompt chunk on AMX tiles, over its cached context and itself, read
 //! from the paged bf16 cache: flash attention (online softmax, nothing of size queries × keys
 //! kept). libtorch's bf16 flash SDPA took 32 ms of a 512-token prefill step of SmolLM2 (~1.1 ms
-//! a layer); this takes 25 (prefill 2–6 % faster at 512 and 2 048 tokens, engine-bench, Xeon
-//! with AMX, 2026-12-06). Far from what the tiles could do: a block of 32 keys takes ~1 400
-//! cycles, mostly the serial chain Sᵀ → softmax → Pᵀ → (P·V)ᵀ through memory (tile stores
-//! read back by AVX-512 and the other way round); overlapping one block's softmax with the
-//! next block's Sᵀ is the next step.
+//! a layer); the first version of this took 25, this one less again (its share of a 2 048-token
+//! prefill's CPU time went from 31 % to 26 %, prefill 5–10 % faster at 2 048 tokens; Xeon with
+//! AMX, 2026-12-06, benches/README.md). What bounds it now is the chain Sᵀ → softmax → Pᵀ →
+//! (P·V)ᵀ: its tile loads wait on the multiplies before them, as eight tiles leave no room to
+//! compute one block's Sᵀ while the previous one's softmax runs.
 //!
 //! A task takes 16 query rows of one head and computes everything transposed, keys × rows:
 //! Sᵀ = K·Qᵀ, so each vector of scores is one key for the 16 rows and the online softmax
@@ -18,8 +18,12 @@
 //! gathered from the pages (`[32 keys][64]`: A tiles as they are) and V transposed
 //! (`[64][32 keys]`). Head dim 64 only (SmolLM2's); other shapes stay on libtorch.
 //!
-//! Tiles: 0–1 Qᵀ as B (d pairs × rows, two halves of d), 2–3 Sᵀ (keys 0–15, 16–31), 4–7 the
-//! block's K tiles (one register each: tiles are not renamed); then 2–5 the four quarters of d of (P·V)ᵀ, 6 a Vᵀ tile, 7 Pᵀ as B (key pairs × rows).
+//! Tiles: 0–3 hold (P·V)ᵀ for the task's whole run (a quarter of d each), so the sums never
+//! leave the tiles: the running maximum is lazy ([`LAZY_MAX`]) and the sums are rescaled through
+//! memory only when a block raises a row's maximum by more than that. 4–5 take each block's Sᵀ
+//! (keys 0–15, 16–31) and, once it is stored, three of Vᵀ's four tiles; 6–7 are the operands
+//! (Qᵀ is reloaded from L1 for each block). The next block's K and Vᵀ are prefetched while
+//! the softmax runs.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -142,6 +146,12 @@ unsafe fn pack_block(
     }
 }
 
+/// How far (in natural-log units) a row's running maximum may fall behind its true one
+/// before the sums are rescaled: probabilities then reach e^8 ≈ 3 000, harmless in f32 sums and
+/// bf16's exponent range, and the sums in the tiles are rescaled only when a block raises a
+/// row's maximum by more than this (in practice the first block or two).
+const LAZY_MAX: f32 = 8.0;
+
 /// 16 query rows (`qb`) of one head against every key they see.
 ///
 /// # Safety
@@ -169,52 +179,48 @@ unsafe fn task(
             qt.0[p * ROWS + r] = src[2 * p] as u32 | (src[2 * p + 1] as u32) << 16;
         }
     }
+    // Scores stay unscaled; the scale folds into the exponent's subtraction (one fmsub).
     let scale = _mm512_set1_ps(1.0 / (HEAD_DIM as f32).sqrt());
     // The keys any row of this block sees end here (exclusive); row r sees keys <= base + r.
     let base = context + r0;
     let nblocks = (base + rows).div_ceil(KEYS);
     let mut st = Scores([0.0; KEYS * ROWS]);
     let mut pt = Pairs([0; (KEYS / 2) * ROWS]);
-    let mut part = Part([0.0; HEAD_DIM * ROWS]);
-    // Oᵀ: one vector of the 16 rows per dimension.
-    let mut o = [_mm512_setzero_ps(); HEAD_DIM];
-    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut ot = Part([0.0; HEAD_DIM * ROWS]);
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut m = ninf;
     let mut l = _mm512_setzero_ps();
     // Lane r of the bf16 pair interleave: (key 2p row r, key 2p + 1 row r).
     let interleave = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
         19, 3, 18, 2, 17, 1, 16, 0,
     );
-    unsafe {
-        amx::configure();
-        let qp = qt.0.as_ptr();
-        asm!(
-            "tileloadd tmm0, [{a} + {s}*1]",
-            "tileloadd tmm1, [{b} + {s}*1]",
-            a = in(reg) qp,
-            b = in(reg) qp.add(16 * ROWS),
-            s = in(reg) 64usize,
-            options(nostack, readonly)
-        );
-    }
+    let (qp, op) = (qt.0.as_ptr(), ot.0.as_mut_ptr());
+    // Tiles 0–3 hold (P·V)ᵀ across the blocks (zeroed by the configuration), 4–5 the block's
+    // Sᵀ, 6–7 the operands.
+    unsafe { amx::configure() };
     for blk in 0..nblocks {
         let kb = unsafe { k.as_ptr().add(blk * BLOCK_U16) };
         let sp = st.0.as_mut_ptr();
         // Sᵀ[key][row]: K rows (A) times Qᵀ (B), each half of d in turn.
         unsafe {
             asm!(
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "tileloadd tmm4, [{k00} + {s128}*1]",
-                "tileloadd tmm5, [{k01} + {s128}*1]",
+                "tilezero tmm4",
+                "tilezero tmm5",
+                "tileloadd tmm7, [{q0} + {s64}*1]",
+                "tileloadd tmm6, [{k00} + {s128}*1]",
+                "tdpbf16ps tmm4, tmm6, tmm7",
                 "tileloadd tmm6, [{k10} + {s128}*1]",
-                "tileloadd tmm7, [{k11} + {s128}*1]",
-                "tdpbf16ps tmm2, tmm4, tmm0",
-                "tdpbf16ps tmm3, tmm6, tmm0",
-                "tdpbf16ps tmm2, tmm5, tmm1",
-                "tdpbf16ps tmm3, tmm7, tmm1",
-                "tilestored [{s0} + {s64}*1], tmm2",
-                "tilestored [{s1} + {s64}*1], tmm3",
+                "tdpbf16ps tmm5, tmm6, tmm7",
+                "tileloadd tmm7, [{q1} + {s64}*1]",
+                "tileloadd tmm6, [{k01} + {s128}*1]",
+                "tdpbf16ps tmm4, tmm6, tmm7",
+                "tileloadd tmm6, [{k11} + {s128}*1]",
+                "tdpbf16ps tmm5, tmm6, tmm7",
+                "tilestored [{s0} + {s64}*1], tmm4",
+                "tilestored [{s1} + {s64}*1], tmm5",
+                q0 = in(reg) qp,
+                q1 = in(reg) qp.add(16 * ROWS),
                 k00 = in(reg) kb,
                 k01 = in(reg) kb.add(32),
                 k10 = in(reg) kb.add(16 * HEAD_DIM),
@@ -239,93 +245,138 @@ unsafe fn task(
                 (0xffffu32 << from) as u16
             }
         };
-        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        // The next block's K and Vᵀ (from L2: a KV head's blocks outgrow L1 from a few
+        // hundred keys on) come in while this one's softmax runs.
+        if blk + 1 < nblocks {
+            for line in (0..BLOCK_U16).step_by(32) {
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        k.as_ptr().add((blk + 1) * BLOCK_U16 + line) as *const i8
+                    );
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        vt.as_ptr().add((blk + 1) * BLOCK_U16 + line) as *const i8
+                    );
+                }
+            }
+        }
         let mut s = [_mm512_setzero_ps(); KEYS];
-        let mut top = m;
+        let mut top = ninf;
         for (j, v) in s.iter_mut().enumerate() {
             let raw = unsafe { _mm512_load_ps(st.0.as_ptr().add(j * ROWS)) };
-            *v = _mm512_mask_mul_ps(ninf, seen(j), raw, scale);
+            *v = if whole {
+                raw
+            } else {
+                _mm512_mask_mov_ps(ninf, seen(j), raw)
+            };
             top = _mm512_max_ps(top, *v);
         }
-        // Lanes whose maximum moved shrink what they summed so far by e^(m - top).
-        let moved = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(top, m);
-        if moved != 0 {
-            let alpha = _mm512_mask_blend_ps(
-                _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m, ninf),
-                exp16(_mm512_sub_ps(m, top)),
-                _mm512_setzero_ps(),
-            );
-            let alpha = _mm512_mask_blend_ps(moved, _mm512_set1_ps(1.0), alpha);
-            l = _mm512_mul_ps(l, alpha);
-            for x in o.iter_mut() {
-                *x = _mm512_mul_ps(*x, alpha);
+        let top = _mm512_mul_ps(top, scale);
+        // Rows whose maximum rose by more than LAZY_MAX move it, shrinking their sums so far
+        // by e^(old - new): l here, (P·V)ᵀ through memory (not at the first block, where
+        // they are still zero and every row moves from -∞).
+        let far = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(top, _mm512_add_ps(m, _mm512_set1_ps(LAZY_MAX)));
+        if far != 0 {
+            let new = _mm512_mask_mov_ps(m, far, top);
+            if blk > 0 {
+                let alpha = exp16(_mm512_sub_ps(m, new));
+                l = _mm512_mul_ps(l, alpha);
+                unsafe {
+                    asm!(
+                        "tilestored [{o0} + {s64}*1], tmm0",
+                        "tilestored [{o1} + {s64}*1], tmm1",
+                        "tilestored [{o2} + {s64}*1], tmm2",
+                        "tilestored [{o3} + {s64}*1], tmm3",
+                        o0 = in(reg) op,
+                        o1 = in(reg) op.add(256),
+                        o2 = in(reg) op.add(512),
+                        o3 = in(reg) op.add(768),
+                        s64 = in(reg) 64usize,
+                        options(nostack)
+                    );
+                    for c in 0..HEAD_DIM {
+                        let at = op.add(c * ROWS);
+                        _mm512_store_ps(at, _mm512_mul_ps(_mm512_load_ps(at), alpha));
+                    }
+                    asm!(
+                        "tileloadd tmm0, [{o0} + {s64}*1]",
+                        "tileloadd tmm1, [{o1} + {s64}*1]",
+                        "tileloadd tmm2, [{o2} + {s64}*1]",
+                        "tileloadd tmm3, [{o3} + {s64}*1]",
+                        o0 = in(reg) op,
+                        o1 = in(reg) op.add(256),
+                        o2 = in(reg) op.add(512),
+                        o3 = in(reg) op.add(768),
+                        s64 = in(reg) 64usize,
+                        options(nostack, readonly)
+                    );
+                }
             }
-            m = top;
+            m = new;
         }
+        // Masked scores are -∞ and come out of exp as 0 (exp16 clamps below).
         for (p, pair) in s.chunks_exact(2).enumerate() {
-            let e0 = _mm512_maskz_mov_ps(seen(2 * p), exp16(_mm512_sub_ps(pair[0], m)));
-            let e1 = _mm512_maskz_mov_ps(seen(2 * p + 1), exp16(_mm512_sub_ps(pair[1], m)));
+            let e0 = exp16(_mm512_fmsub_ps(pair[0], scale, m));
+            let e1 = exp16(_mm512_fmsub_ps(pair[1], scale, m));
+            let (e0, e1) = if whole {
+                (e0, e1)
+            } else {
+                (
+                    _mm512_maskz_mov_ps(seen(2 * p), e0),
+                    _mm512_maskz_mov_ps(seen(2 * p + 1), e1),
+                )
+            };
             l = _mm512_add_ps(l, _mm512_add_ps(e0, e1));
             let both: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(e1, e0)) };
             let row = _mm512_permutexvar_epi16(interleave, both);
             unsafe { _mm512_store_si512(pt.0.as_mut_ptr().add(p * ROWS) as *mut __m512i, row) };
         }
-        // (P·V)ᵀ a quarter of d at a time: Vᵀ rows (A) times Pᵀ (B).
+        // (P·V)ᵀ += Vᵀ rows (A) times Pᵀ (B), a quarter of d into each of tiles 0–3; Sᵀ's
+        // tiles are free again, so three Vᵀ tiles load ahead of their multiplies.
         let vb = unsafe { vt.as_ptr().add(blk * BLOCK_U16) };
         unsafe {
             asm!(
                 "tileloadd tmm7, [{p} + {s64}*1]",
-                p = in(reg) pt.0.as_ptr(),
-                s64 = in(reg) 64usize,
-                options(nostack, readonly)
-            );
-        }
-        // The four quarters into tiles 2–5 (free once Sᵀ is stored), so their multiplies
-        // overlap instead of waiting on one tile each.
-        let pp = part.0.as_mut_ptr();
-        unsafe {
-            asm!(
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "tilezero tmm4",
-                "tilezero tmm5",
-                "tileloadd tmm6, [{v0} + {s64}*1]",
-                "tdpbf16ps tmm2, tmm6, tmm7",
-                "tileloadd tmm6, [{v1} + {s64}*1]",
-                "tdpbf16ps tmm3, tmm6, tmm7",
+                "tileloadd tmm4, [{v0} + {s64}*1]",
+                "tileloadd tmm5, [{v1} + {s64}*1]",
                 "tileloadd tmm6, [{v2} + {s64}*1]",
-                "tdpbf16ps tmm4, tmm6, tmm7",
-                "tileloadd tmm6, [{v3} + {s64}*1]",
-                "tdpbf16ps tmm5, tmm6, tmm7",
-                "tilestored [{o0} + {s64}*1], tmm2",
-                "tilestored [{o1} + {s64}*1], tmm3",
-                "tilestored [{o2} + {s64}*1], tmm4",
-                "tilestored [{o3} + {s64}*1], tmm5",
+                "tdpbf16ps tmm0, tmm4, tmm7",
+                "tdpbf16ps tmm1, tmm5, tmm7",
+                "tdpbf16ps tmm2, tmm6, tmm7",
+                "tileloadd tmm4, [{v3} + {s64}*1]",
+                "tdpbf16ps tmm3, tmm4, tmm7",
+                p = in(reg) pt.0.as_ptr(),
                 v0 = in(reg) vb,
                 v1 = in(reg) vb.add(16 * KEYS),
                 v2 = in(reg) vb.add(32 * KEYS),
                 v3 = in(reg) vb.add(48 * KEYS),
-                o0 = in(reg) pp,
-                o1 = in(reg) pp.add(256),
-                o2 = in(reg) pp.add(512),
-                o3 = in(reg) pp.add(768),
                 s64 = in(reg) 64usize,
-                options(nostack)
+                options(nostack, readonly)
             );
         }
-        for (c, x) in o.iter_mut().enumerate() {
-            *x = _mm512_add_ps(*x, unsafe { _mm512_load_ps(part.0.as_ptr().add(c * ROWS)) });
-        }
     }
-    unsafe { amx::release() };
+    unsafe {
+        asm!(
+            "tilestored [{o0} + {s64}*1], tmm0",
+            "tilestored [{o1} + {s64}*1], tmm1",
+            "tilestored [{o2} + {s64}*1], tmm2",
+            "tilestored [{o3} + {s64}*1], tmm3",
+            o0 = in(reg) op,
+            o1 = in(reg) op.add(256),
+            o2 = in(reg) op.add(512),
+            o3 = in(reg) op.add(768),
+            s64 = in(reg) 64usize,
+            options(nostack)
+        );
+        amx::release();
+    }
     let inv = _mm512_div_ps(_mm512_set1_ps(1.0), l);
-    // Oᵀ scaled into `st` (d-major), read back row-major into `rows_out`, rounded 16 at a time.
+    // Oᵀ (d-major) scaled into `st`, read back row-major into `rows_out`, rounded 16 at a time.
     let mut rows_out = Scores([0.0; KEYS * ROWS]);
     let width = heads * HEAD_DIM;
     for side in 0..2 {
         for c in 0..KEYS {
-            let v = _mm512_mul_ps(o[side * KEYS + c], inv);
-            unsafe { _mm512_store_ps(st.0.as_mut_ptr().add(c * ROWS), v) };
+            let o = unsafe { _mm512_load_ps(ot.0.as_ptr().add((side * KEYS + c) * ROWS)) };
+            unsafe { _mm512_store_ps(st.0.as_mut_ptr().add(c * ROWS), _mm512_mul_ps(o, inv)) };
         }
         for r in 0..rows {
             for c in 0..KEYS {

@@ -212,7 +212,18 @@ fn prefill_attention_on_tiles_matches_f64_softmax() {
     let (kvh, heads, bs, num_blocks) = (2, 6, 16, 40);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     for team in [Team::new(1), Team::new(2)] {
-        for &(context, len) in &[(0usize, 45usize), (37, 20), (0, 16), (64, 97), (5, 1)] {
+        // `loud`: keys from position 40 on are 16× larger, so later blocks raise rows' maxima
+        // far past the first block's (the kernel's lazy rescale of its sums in the tiles).
+        let cases = [
+            (0usize, 45usize, false),
+            (37, 20, false),
+            (0, 16, false),
+            (64, 97, false),
+            (5, 1, false),
+            (0, 97, true),
+            (30, 50, true),
+        ];
+        for &(context, len, loud) in &cases {
             let total = context + len;
             let mut cache = vec![0u16; num_blocks * 2 * bs * kvh * d];
             let mut free: Vec<u32> = (0..num_blocks as u32).collect();
@@ -225,7 +236,13 @@ fn prefill_attention_on_tiles_matches_f64_softmax() {
             for pos in 0..total {
                 for h in 0..kvh {
                     for (which, store) in [(0, &mut keys), (1, &mut values)] {
-                        let x = round_bf16(&randn(&mut rng, d));
+                        let gain = if loud && which == 0 && pos >= 40 {
+                            16.0
+                        } else {
+                            1.0
+                        };
+                        let x: Vec<f32> = randn(&mut rng, d).iter().map(|v| v * gain).collect();
+                        let x = round_bf16(&x);
                         let (blk, slot) = (table[pos / bs] as usize, pos % bs);
                         let at = (((blk * 2 + which) * bs + slot) * kvh + h) * d;
                         for (c, &v) in x.iter().enumerate() {
@@ -259,8 +276,8 @@ fn prefill_attention_on_tiles_matches_f64_softmax() {
                         // P and the output are rounded to bf16.
                         assert!(
                             (got - w).abs() < 2e-2,
-                            "context {context} len {len} row {i} head {h}[{c}] threads {}: \
-                             {got} vs {w}",
+                            "context {context} len {len} loud {loud} row {i} head {h}[{c}] \
+                             threads {}: {got} vs {w}",
                             team.threads()
                         );
                     }
