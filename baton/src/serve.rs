@@ -145,9 +145,9 @@ pub struct ServeArgs {
     max_model_len: Option<usize>,
     #[arg(long, env = "BATON_NO_PREFIX_CACHING")]
     no_prefix_caching: bool,
-    /// Steps on CPU through Baton's own kernels (a prefill chunk's attention stays libtorch's
-    /// SDPA); `false` runs them as libtorch ops (to compare, or if the kernels misbehave on
-    /// some CPU).
+    /// Steps on CPU through Baton's own kernels (long prompt chunks keep libtorch's GEMMs, with
+    /// the kernels' fused element-wise pieces and, with AMX, their tile attention); `false` runs
+    /// every step as libtorch ops (to compare, or if the kernels misbehave on some CPU).
     #[arg(long, env = "BATON_CPU_KERNELS", default_value_t = true, action = clap::ArgAction::Set)]
     cpu_kernels: bool,
     /// Seconds Ctrl-C waits for in-flight requests before ending them with an error.

@@ -272,6 +272,17 @@ mod avx512 {
         }
     }
 
+    /// Asks for the cache lines of `d` elements at `p` (an address past the cache is fine:
+    /// prefetches do not fault).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    fn prefetch<E: Elem>(p: *const E, d: usize) {
+        let bytes = d * std::mem::size_of::<E>();
+        for off in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(off));
+        }
+    }
+
     /// Lane j of the result is the sum of `v[j]`'s lanes: 16 dot products finished at once
     /// (a transpose-and-add tree, not 16 separate horizontal reductions).
     #[inline]
@@ -343,6 +354,11 @@ mod avx512 {
         out: *mut f32,
     ) {
         let mut acc = [_mm512_setzero_ps(); 16];
+        // The next 16 keys' rows, ahead of their use: rows are `row_stride` apart (every KV
+        // head's), and the loads of this head's part otherwise wait on memory.
+        for j in 16..32 {
+            prefetch(kb.wrapping_add((j0 + j) * row_stride), d);
+        }
         for (j, a) in acc.iter_mut().enumerate() {
             let k = unsafe { kb.add((j0 + j) * row_stride) };
             for c in (0..d).step_by(16) {
@@ -420,6 +436,7 @@ mod avx512 {
                     }
                 }
                 for j in 0..n {
+                    prefetch(vb.wrapping_add((j + 16) * row_stride), d);
                     let v = unsafe { vb.add(j * row_stride) };
                     let mut x = [_mm512_setzero_ps(); DC];
                     for (c, xc) in x.iter_mut().enumerate() {
