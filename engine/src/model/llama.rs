@@ -301,6 +301,16 @@ impl Llama {
         self.lm_head.forward(&h).to_kind(Kind::Float)
     }
 
+    /// Query heads, KV heads and head dim, as tensor sizes.
+    fn head_shape(&self) -> (i64, i64, i64) {
+        let c = &self.config;
+        (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim as i64,
+        )
+    }
+
     /// The layers as libtorch ops, adding each into the residual stream `x`.
     fn layers_torch(
         &self,
@@ -311,11 +321,7 @@ impl Llama {
         kernels: Option<&CpuKernels>,
     ) {
         let c = &self.config;
-        let (heads, kvh, d) = (
-            c.num_attention_heads as i64,
-            c.num_key_value_heads as i64,
-            c.head_dim as i64,
-        );
+        let (heads, kvh, d) = self.head_shape();
         let t = positions.len() as i64;
         let positions = Tensor::from_slice(positions).to_device(self.device);
         let (cos, sin) = self.rope.tables(&positions, self.kind);
@@ -358,12 +364,7 @@ impl Llama {
         plan: &AttentionPlan,
         cache: &mut KvCache,
     ) -> Tensor {
-        let c = &self.config;
-        let (heads, kvh, d) = (
-            c.num_attention_heads as i64,
-            c.num_key_value_heads as i64,
-            c.head_dim as i64,
-        );
+        let (heads, kvh, d) = self.head_shape();
         let t = positions.len() as i64;
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {

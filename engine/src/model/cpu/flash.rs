@@ -281,18 +281,7 @@ unsafe fn task(
                 let alpha = exp16(_mm512_sub_ps(m, new));
                 l = _mm512_mul_ps(l, alpha);
                 unsafe {
-                    asm!(
-                        "tilestored [{o0} + {s64}*1], tmm0",
-                        "tilestored [{o1} + {s64}*1], tmm1",
-                        "tilestored [{o2} + {s64}*1], tmm2",
-                        "tilestored [{o3} + {s64}*1], tmm3",
-                        o0 = in(reg) op,
-                        o1 = in(reg) op.add(256),
-                        o2 = in(reg) op.add(512),
-                        o3 = in(reg) op.add(768),
-                        s64 = in(reg) 64usize,
-                        options(nostack)
-                    );
+                    store_sums(op);
                     for c in 0..HEAD_DIM {
                         let at = op.add(c * ROWS);
                         _mm512_store_ps(at, _mm512_mul_ps(_mm512_load_ps(at), alpha));
@@ -355,18 +344,7 @@ unsafe fn task(
         }
     }
     unsafe {
-        asm!(
-            "tilestored [{o0} + {s64}*1], tmm0",
-            "tilestored [{o1} + {s64}*1], tmm1",
-            "tilestored [{o2} + {s64}*1], tmm2",
-            "tilestored [{o3} + {s64}*1], tmm3",
-            o0 = in(reg) op,
-            o1 = in(reg) op.add(256),
-            o2 = in(reg) op.add(512),
-            o3 = in(reg) op.add(768),
-            s64 = in(reg) 64usize,
-            options(nostack)
-        );
+        store_sums(op);
         amx::release();
     }
     let inv = _mm512_div_ps(_mm512_set1_ps(1.0), l);
@@ -396,6 +374,29 @@ unsafe fn task(
                 _mm512_storeu_si512(dst as *mut __m512i, both);
             }
         }
+    }
+}
+
+/// Stores the (P·V)ᵀ sums of tiles 0–3 into `op` (`[64 d][16 rows]` f32, a quarter of d per
+/// tile).
+///
+/// # Safety
+/// The tiles are configured; `op` holds `HEAD_DIM * ROWS` f32.
+#[inline(always)]
+unsafe fn store_sums(op: *mut f32) {
+    unsafe {
+        asm!(
+            "tilestored [{o0} + {s64}*1], tmm0",
+            "tilestored [{o1} + {s64}*1], tmm1",
+            "tilestored [{o2} + {s64}*1], tmm2",
+            "tilestored [{o3} + {s64}*1], tmm3",
+            o0 = in(reg) op,
+            o1 = in(reg) op.add(256),
+            o2 = in(reg) op.add(512),
+            o3 = in(reg) op.add(768),
+            s64 = in(reg) 64usize,
+            options(nostack)
+        );
     }
 }
 
