@@ -6,9 +6,10 @@
 //! than [`matmul`] even at 512 rows. Where the CPU has AMX, [`matmul`] multiplies steps of
 //! several rows on tiles ([`amx`]). Here a step is one pass over weights repacked for
 //! streaming ([`matmul`]), decode attention reads the paged cache in place ([`attention`]),
-//! and the element-wise pieces are fused into the loops around them. A prefill chunk's
-//! attention stays on libtorch (its flash SDPA, over the chunk's blocks of the cache), except
-//! where the CPU has AMX: there chunks of the libtorch path attend on tiles ([`flash`]).
+//! and the element-wise pieces are fused into the loops around them. Prompt chunks over 64
+//! tokens keep libtorch's GEMMs; in bf16 their element-wise pieces run fused here too
+//! ([`rows`]), and where the CPU has AMX their attention runs on tiles ([`flash`]), else on
+//! libtorch's SDPA over the chunk's blocks of the cache.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
