@@ -279,24 +279,24 @@ impl Llama {
         let mut x = self.embed.index_select(0, &ids);
         // The fused path carries each residual addition into the next norm: the last one
         // comes out beside x.
-        let last_delta = match fused {
-            Some((k, w)) => Some(self.layers_fused(k, w, &mut x, &positions, &plan, cache)),
-            None => {
-                self.layers_torch(&mut x, &positions, &plan, cache, kernels);
-                None
-            }
-        };
+        let fused = fused.map(|(k, w)| {
+            let delta = self.layers_fused(k, w, &mut x, &positions, &plan, cache);
+            (k, w, delta)
+        });
+        if fused.is_none() {
+            self.layers_torch(&mut x, &positions, &plan, cache, kernels);
+        }
         let rows: Vec<i64> = last_row.into_iter().flatten().collect();
         if rows.is_empty() {
             return Tensor::zeros([0, self.config.vocab_size as i64], (Kind::Float, dev));
         }
         let rows = Tensor::from_slice(&rows).to_device(dev);
         let mut x = x.index_select(0, &rows);
-        let h = match (fused, last_delta) {
-            (Some((k, w)), Some(delta)) => {
+        let h = match fused {
+            Some((k, w, delta)) => {
                 k.add_norm(w, Norm::Final, &mut x, Some(&delta.index_select(0, &rows)))
             }
-            _ => self.rms_norm(&x, &self.norm),
+            None => self.rms_norm(&x, &self.norm),
         };
         self.lm_head.forward(&h).to_kind(Kind::Float)
     }

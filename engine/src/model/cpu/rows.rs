@@ -11,7 +11,7 @@
 use tch::{Kind, Tensor};
 
 use super::team::SyncPtr;
-use super::vector;
+use super::vector::{self, Elem};
 use super::{CpuKernels, Isa, KernelWeights};
 
 /// Which of the model's norms to apply.
@@ -22,11 +22,6 @@ pub enum Norm {
     /// Before the MLP in layer `i`.
     Post(usize),
     Final,
-}
-
-#[inline(always)]
-fn widen(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
 }
 
 /// f32 to bf16 bits, round to nearest even; branch-free so loops over it vectorize.
@@ -114,7 +109,7 @@ fn add_norm_row(x: &mut [u16], delta: Option<&[u16]>, w: &[f32], eps: f64, out: 
     const LANES: usize = 16;
     if let Some(delta) = delta {
         for (v, &dv) in x.iter_mut().zip(delta) {
-            *v = narrow(widen(*v) + widen(dv));
+            *v = narrow(v.to_f32() + dv.to_f32());
         }
     }
     let mut lanes = [0f32; LANES];
@@ -122,18 +117,18 @@ fn add_norm_row(x: &mut [u16], delta: Option<&[u16]>, w: &[f32], eps: f64, out: 
     let mut ss: f32 = chunks
         .remainder()
         .iter()
-        .map(|&v| widen(v) * widen(v))
+        .map(|&v| v.to_f32() * v.to_f32())
         .sum();
     for c in chunks {
         for l in 0..LANES {
-            let v = widen(c[l]);
+            let v = c[l].to_f32();
             lanes[l] += v * v;
         }
     }
     ss += vector::sum(&lanes);
     let inv = 1.0 / ((ss / x.len() as f32) as f64 + eps).sqrt() as f32;
     for ((o, &v), &g) in out.iter_mut().zip(x.iter()).zip(w) {
-        *o = narrow(widen(v) * inv * g);
+        *o = narrow(v.to_f32() * inv * g);
     }
 }
 
@@ -144,7 +139,7 @@ fn rope_row(row: &mut [u16], d: usize, cos: &[f32], sin: &[f32]) {
     for head in row.chunks_exact_mut(d) {
         let (a, b) = head.split_at_mut(h);
         for i in 0..h {
-            let (x1, x2) = (widen(a[i]), widen(b[i]));
+            let (x1, x2) = (a[i].to_f32(), b[i].to_f32());
             a[i] = narrow(x1 * cos[i] - x2 * sin[i]);
             b[i] = narrow(x2 * cos[h + i] + x1 * sin[h + i]);
         }
@@ -154,8 +149,8 @@ fn rope_row(row: &mut [u16], d: usize, cos: &[f32], sin: &[f32]) {
 #[inline(always)]
 fn silu_mul_row(gate: &[u16], up: &[u16], out: &mut [u16]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        let g = widen(g);
-        *o = narrow(g / (1.0 + vector::exp(-g)) * widen(u));
+        let g = g.to_f32();
+        *o = narrow(g / (1.0 + vector::exp(-g)) * u.to_f32());
     }
 }
 
@@ -463,9 +458,9 @@ mod tests {
         ] {
             let want = half::bf16::from_f32(v).to_bits();
             assert_eq!(narrow(v), want, "{v}");
-            assert_eq!(widen(narrow(v)), half::bf16::from_bits(want).to_f32());
+            assert_eq!(narrow(v).to_f32(), half::bf16::from_bits(want).to_f32());
         }
-        assert!(widen(narrow(f32::NAN)).is_nan());
+        assert!(narrow(f32::NAN).to_f32().is_nan());
     }
 
     #[test]
@@ -483,13 +478,13 @@ mod tests {
             add_norm_rows(isa, &mut xb, Some(&db), &w, 1e-5, &mut out);
             // The sum is rounded to bf16 first, as stored; then normed in f64.
             let sum: Vec<f64> = (0..hd)
-                .map(|i| widen(narrow(widen(bits(&x)[i]) + widen(db[i]))) as f64)
+                .map(|i| narrow(bits(&x)[i].to_f32() + db[i].to_f32()).to_f32() as f64)
                 .collect();
             let ms = sum.iter().map(|v| v * v).sum::<f64>() / hd as f64;
             for i in 0..hd {
-                assert_eq!(widen(xb[i]) as f64, sum[i], "{isa:?} sum {i}");
+                assert_eq!(xb[i].to_f32() as f64, sum[i], "{isa:?} sum {i}");
                 let want = sum[i] / (ms + 1e-5).sqrt() * w[i] as f64;
-                let got = widen(out[i]) as f64;
+                let got = out[i].to_f32() as f64;
                 assert!(
                     (got - want).abs() <= want.abs() / 128.0 + 1e-6,
                     "{isa:?} norm {i}"
@@ -499,9 +494,9 @@ mod tests {
             let gu: Vec<u16> = g.iter().chain(&u).copied().collect();
             silu_mul_rows(isa, &gu, &mut out, hd);
             for i in 0..hd {
-                let gv = widen(g[i]) as f64;
-                let want = gv / (1.0 + (-gv).exp()) * widen(u[i]) as f64;
-                let got = widen(out[i]) as f64;
+                let gv = g[i].to_f32() as f64;
+                let want = gv / (1.0 + (-gv).exp()) * u[i].to_f32() as f64;
+                let got = out[i].to_f32() as f64;
                 assert!(
                     (got - want).abs() <= want.abs() / 128.0 + 1e-6,
                     "{isa:?} silu {i}"
