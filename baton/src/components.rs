@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use decode_worker::{worker_endpoint, DecodeWorker, DisaggState, Disaggregation, EngineHost};
+use decode_worker::{
+    worker_endpoint, DecodeWorker, DisaggState, Disaggregation, EngineHost, HostDisagg,
+};
 use engine::{loader, Engine, EngineOptions, ModelCard, SharedModel};
 use frontend::{AdminSettings, AppState, FrontendConfig};
 use kv_transfer::KvSink;
@@ -170,7 +172,14 @@ async fn start_decode(
     let state = sink
         .as_ref()
         .map(|_| DisaggState::new(settings.disagg.clone()));
-    let host = EngineHost::start_with(engine, Some(kv_events), name, state.clone())?;
+    let host_disagg = state
+        .clone()
+        .zip(sink.as_ref())
+        .map(|(rule, sink)| HostDisagg {
+            rule,
+            fences: sink.fences(),
+        });
+    let host = EngineHost::start_with(engine, Some(kv_events), name, host_disagg)?;
     let disagg = state
         .zip(sink)
         .map(|(state, sink)| Disaggregation { state, sink });

@@ -2,13 +2,21 @@
 //! steps while any request is unfinished, and sleeps on its command channel when idle. Each
 //! request's events go to its own channel; a closed channel (the caller went away) aborts the
 //! request, so no path leaves KV blocks behind.
+//!
+//! Blocks reserved for a remote prefill may be granted to a prefill worker's writes (the KV
+//! sink's fence table, `remote_prefill.rs`). Every path that ends such a reservation — abort,
+//! local prefill, completion — closes the grant here first, on the thread that frees the
+//! blocks, so no write can land after the engine reuses them. A writer stopped in mid-copy
+//! keeps its blocks out of use: the release waits, between steps, until it lets go or dies.
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use engine::{AdmissionError, Engine, Request, RequestOutput, SampledToken, SamplingParams};
+use kv_transfer::KvFences;
 use runtime::kv_event::KvEvent;
 use runtime::protocol::{GenerateRequest, PrefillCounters, TokenDelta, TokenLogprob, WorkerLoad};
 use tokio::sync::{mpsc, watch};
@@ -58,8 +66,22 @@ struct Stream {
     logprobs: bool,
 }
 
+/// A host's disaggregation: the live rule placing prefills, and the fence table of the KV
+/// sink its cache lives in.
+pub struct HostDisagg {
+    pub rule: Arc<DisaggState>,
+    pub fences: KvFences,
+}
+
+/// How long the engine thread waits, per release, for a writer in mid-copy before it defers
+/// the release to a later turn (a copy of a block takes microseconds to milliseconds).
+const CLOSE_PATIENCE: Duration = Duration::from_millis(2);
+/// How often deferred releases are tried again while nothing else wakes the thread.
+const DEFERRED_RETRY: Duration = Duration::from_millis(10);
+
 pub struct EngineHost {
     commands: std_mpsc::Sender<Command>,
+    vocab_size: usize,
     counters: Arc<Mutex<PrefillCounters>>,
     load: watch::Receiver<WorkerLoad>,
     kv_events: Mutex<Option<mpsc::UnboundedReceiver<KvEvent>>>,
@@ -116,19 +138,29 @@ impl EngineHost {
     }
 
     /// As [`EngineHost::start`], placing each prompt's prefill by `disagg`'s rule: remote ones
-    /// reserve their blocks and report [`EngineEvent::RemotePrefill`].
+    /// reserve their blocks and report [`EngineEvent::RemotePrefill`]; their grants in
+    /// `disagg`'s fences are closed before the blocks are freed.
     pub fn start_with(
         engine: Engine,
         kv_events: Option<std_mpsc::Receiver<KvEvent>>,
         name: &str,
-        disagg: Option<Arc<DisaggState>>,
+        disagg: Option<HostDisagg>,
     ) -> Result<Self, WorkerError> {
         let (commands, rx) = std_mpsc::channel();
         let counters = Arc::new(Mutex::new(PrefillCounters::default()));
+        let (rule, fences) = match disagg {
+            Some(HostDisagg { rule, fences }) => (Some(rule), Some(fences)),
+            None => (None, None),
+        };
         let placer = Placer {
-            disagg,
+            disagg: rule,
             counters: counters.clone(),
         };
+        let grants = Grants {
+            fences,
+            ..Grants::default()
+        };
+        let vocab_size = engine.vocab_size();
         let (load_tx, load) = watch::channel(load_of(&engine));
         let (kv_out, kv_rx) = mpsc::unbounded_channel();
         let outlets = Outlets {
@@ -138,15 +170,21 @@ impl EngineHost {
         };
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(engine, rx, outlets, placer))
+            .spawn(move || run(engine, rx, outlets, placer, grants))
             .map_err(WorkerError::Spawn)?;
         Ok(Self {
             commands,
+            vocab_size,
             counters,
             load,
             kv_events: Mutex::new(Some(kv_rx)),
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// Tokens the engine's model knows (a remote prefill's first token must be one).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     /// The engine's KV events, in order (once: the worker publishes them).
@@ -219,16 +257,95 @@ impl Drop for EngineHost {
     }
 }
 
-fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets, placer: Placer) {
+/// How a reservation for a remote prefill ends.
+enum Release {
+    Abort,
+    PrefillLocally,
+    Complete(SampledToken),
+}
+
+/// The blocks of requests waiting for a remote prefill (those a claimant may be granted), and
+/// the releases waiting for a writer in mid-copy to let go.
+#[derive(Default)]
+struct Grants {
+    fences: Option<KvFences>,
+    blocks: HashMap<String, Vec<u32>>,
+    deferred: Vec<(String, Release)>,
+}
+
+impl Grants {
+    /// Ends `id`'s reservation as `how` says, after closing its grant; deferred while a
+    /// writer holds one of its blocks.
+    fn release(
+        &mut self,
+        engine: &mut Engine,
+        streams: &mut HashMap<String, Stream>,
+        id: &str,
+        how: Release,
+    ) {
+        if let (Some(fences), Some(blocks)) = (&self.fences, self.blocks.get(id)) {
+            if let Err(held) = fences.close(blocks, CLOSE_PATIENCE) {
+                if !self.deferred.iter().any(|(d, _)| d == id) {
+                    tracing::warn!(
+                        request = id,
+                        block = held.block,
+                        writer_pid = held.holder_pid,
+                        "a prefill writer is stopped in mid-copy; its blocks stay out of use \
+                         until it lets go or exits"
+                    );
+                }
+                self.deferred.retain(|(d, _)| d != id);
+                self.deferred.push((id.to_string(), how));
+                return;
+            }
+        }
+        self.blocks.remove(id);
+        self.deferred.retain(|(d, _)| d != id);
+        match how {
+            Release::Abort => {
+                engine.abort(id);
+                streams.remove(id);
+            }
+            Release::PrefillLocally => {
+                engine.prefill_locally(id);
+            }
+            Release::Complete(first) => match engine.complete_remote_prefill(id, first) {
+                Ok(out) => dispatch(engine, streams, self, out),
+                Err(e) => tracing::debug!("late remote prefill ignored: {e}"),
+            },
+        }
+    }
+
+    /// Tries the deferred releases again.
+    fn retry(&mut self, engine: &mut Engine, streams: &mut HashMap<String, Stream>) {
+        for (id, how) in std::mem::take(&mut self.deferred) {
+            self.release(engine, streams, &id, how);
+        }
+    }
+}
+
+fn run(
+    mut engine: Engine,
+    rx: std_mpsc::Receiver<Command>,
+    outlets: Outlets,
+    placer: Placer,
+    mut grants: Grants,
+) {
     let mut streams: HashMap<String, Stream> = HashMap::new();
     loop {
         // Block only when there is nothing to step (requests waiting for a remote prefill
-        // are woken by a command).
+        // are woken by a command; deferred releases are retried on a timer).
         let first = if engine.has_work() {
             match rx.try_recv() {
                 Ok(c) => Some(c),
                 Err(std_mpsc::TryRecvError::Empty) => None,
                 Err(std_mpsc::TryRecvError::Disconnected) => break,
+            }
+        } else if !grants.deferred.is_empty() {
+            match rx.recv_timeout(DEFERRED_RETRY) {
+                Ok(c) => Some(c),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             }
         } else {
             match rx.recv() {
@@ -242,21 +359,25 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets, pl
             .chain(std::iter::from_fn(|| rx.try_recv().ok()))
         {
             match command {
-                Command::Add { request, events } => {
-                    add(&mut engine, &mut streams, &placer, request, events)
-                }
+                Command::Add { request, events } => add(
+                    &mut engine,
+                    &mut streams,
+                    &placer,
+                    &mut grants,
+                    request,
+                    events,
+                ),
                 Command::Abort(id) => {
-                    engine.abort(&id);
-                    streams.remove(&id);
+                    grants.release(&mut engine, &mut streams, &id, Release::Abort)
                 }
-                Command::CompleteRemote { request_id, first } => {
-                    match engine.complete_remote_prefill(&request_id, first) {
-                        Ok(out) => dispatch(&mut engine, &mut streams, out),
-                        Err(e) => tracing::debug!("late remote prefill ignored: {e}"),
-                    }
-                }
+                Command::CompleteRemote { request_id, first } => grants.release(
+                    &mut engine,
+                    &mut streams,
+                    &request_id,
+                    Release::Complete(first),
+                ),
                 Command::PrefillLocally(id) => {
-                    engine.prefill_locally(&id);
+                    grants.release(&mut engine, &mut streams, &id, Release::PrefillLocally)
                 }
                 Command::Shutdown => shutdown = true,
             }
@@ -264,19 +385,21 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets, pl
         if shutdown {
             break;
         }
+        grants.retry(&mut engine, &mut streams);
         // A caller that went away without an abort (its task was dropped) still frees blocks.
-        streams.retain(|id, s| {
-            let open = !s.events.is_closed();
-            if !open {
-                engine.abort(id);
-            }
-            open
-        });
+        let gone: Vec<String> = streams
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            grants.release(&mut engine, &mut streams, &id, Release::Abort);
+        }
         if engine.has_work() {
             match engine.step() {
                 Ok(outputs) => {
                     for out in outputs {
-                        dispatch(&mut engine, &mut streams, out);
+                        dispatch(&mut engine, &mut streams, &mut grants, out);
                     }
                 }
                 Err(e) => {
@@ -284,6 +407,7 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets, pl
                     fail_all(
                         &mut engine,
                         &mut streams,
+                        &mut grants,
                         &format!("engine step failed: {e}"),
                     );
                 }
@@ -291,7 +415,12 @@ fn run(mut engine: Engine, rx: std_mpsc::Receiver<Command>, outlets: Outlets, pl
         }
         outlets.publish(&engine);
     }
-    fail_all(&mut engine, &mut streams, "the worker is shutting down");
+    fail_all(
+        &mut engine,
+        &mut streams,
+        &mut grants,
+        "the worker is shutting down",
+    );
     outlets.publish(&engine);
 }
 
@@ -299,6 +428,7 @@ fn add(
     engine: &mut Engine,
     streams: &mut HashMap<String, Stream>,
     placer: &Placer,
+    grants: &mut Grants,
     request: GenerateRequest,
     events: mpsc::UnboundedSender<EngineEvent>,
 ) {
@@ -323,9 +453,17 @@ fn add(
             match engine.add_remote_prefill_request(request) {
                 Ok(slot) => {
                     placer.count(|c| c.remote += 1);
+                    let cached_blocks = slot.cached_tokens / engine.block_size();
+                    grants.blocks.insert(
+                        id.clone(),
+                        slot.block_ids
+                            .get(cached_blocks..)
+                            .unwrap_or_default()
+                            .to_vec(),
+                    );
                     let _ = events.send(EngineEvent::RemotePrefill {
                         block_ids: slot.block_ids,
-                        cached_blocks: slot.cached_tokens / engine.block_size(),
+                        cached_blocks,
                         token_ids,
                         sampling,
                     });
@@ -369,7 +507,12 @@ fn add(
     }
 }
 
-fn dispatch(engine: &mut Engine, streams: &mut HashMap<String, Stream>, out: RequestOutput) {
+fn dispatch(
+    engine: &mut Engine,
+    streams: &mut HashMap<String, Stream>,
+    grants: &mut Grants,
+    out: RequestOutput,
+) {
     let Some(stream) = streams.get(out.request_id()) else {
         return;
     };
@@ -400,19 +543,28 @@ fn dispatch(engine: &mut Engine, streams: &mut HashMap<String, Stream>, out: Req
             })
         }
     };
-    let id = out.request_id();
+    let id = out.request_id().to_string();
     if stream.events.send(event).is_err() {
-        engine.abort(id);
-        streams.remove(id);
+        grants.release(engine, streams, &id, Release::Abort);
     } else if out.is_final() {
-        streams.remove(id);
+        streams.remove(&id);
     }
 }
 
-fn fail_all(engine: &mut Engine, streams: &mut HashMap<String, Stream>, message: &str) {
-    for (id, stream) in streams.drain() {
-        engine.abort(&id);
-        let _ = stream.events.send(EngineEvent::Failed(message.to_string()));
+/// Fails every request, each through the same release as an abort.
+fn fail_all(
+    engine: &mut Engine,
+    streams: &mut HashMap<String, Stream>,
+    grants: &mut Grants,
+    message: &str,
+) {
+    let ids: Vec<String> = streams.keys().cloned().collect();
+    for id in ids {
+        if let Some(stream) = streams.get(&id) {
+            let _ = stream.events.send(EngineEvent::Failed(message.to_string()));
+        }
+        grants.release(engine, streams, &id, Release::Abort);
+        streams.remove(&id);
     }
 }
 

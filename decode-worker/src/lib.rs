@@ -17,6 +17,6 @@ pub mod remote_prefill;
 pub mod service;
 
 pub use disagg::{disagg_setting_key, DisaggConfig, DisaggState, DisaggThresholds, Placement};
-pub use engine_host::{EngineEvent, EngineHost};
+pub use engine_host::{EngineEvent, EngineHost, HostDisagg};
 pub use error::WorkerError;
 pub use service::{worker_endpoint, DecodeWorker, Disaggregation, KV_TRANSFER_KEY};

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kv_transfer::KvSink;
+use kv_transfer::{KvFences, KvSink};
 use runtime::discovery::{EndpointId, InstanceSpec, Registration};
 use runtime::dropped::{self, DropWarnings};
 use runtime::event_plane::EventPlane;
@@ -116,13 +116,14 @@ impl DecodeWorker {
         let (remote, sink) = match disagg {
             Some(Disaggregation { state, sink }) => {
                 let notice_address = format!("{address}.prefill");
-                let table = RemotePrefills::new();
+                let table = RemotePrefills::new(sink.fences(), host.vocab_size());
                 let notices = plane.serve(&notice_address).await?;
                 tasks.push(tokio::spawn(serve_notices(table.clone(), notices)));
                 tasks.push(tokio::spawn(poll_queue(
                     state.clone(),
                     planes.prefill_queue.clone(),
                     host.prefill_counters(),
+                    sink.fences(),
                 )));
                 tasks.push(tokio::spawn(follow_thresholds(
                     state.clone(),
@@ -300,13 +301,16 @@ async fn serve_kv_state(state: Arc<Mutex<KvState>>, mut queries: mpsc::Receiver<
     }
 }
 
-/// Reads the prefill queue's length for the rule (and the metrics), every [`QUEUE_POLL`].
+/// Reads the prefill queue's length for the rule (and the metrics), and the writes the KV
+/// fence refused, every [`QUEUE_POLL`].
 async fn poll_queue(
     state: Arc<DisaggState>,
     queue: Arc<dyn WorkQueue>,
     counters: Arc<Mutex<PrefillCounters>>,
+    fences: KvFences,
 ) {
     loop {
+        record(&counters, |c| c.refused_writes = fences.refused());
         match queue.pending().await {
             Ok(n) => {
                 state.set_queue_len(n);
@@ -329,10 +333,7 @@ async fn serve_notices(table: Arc<RemotePrefills>, mut notices: mpsc::Receiver<I
             Ok(notice) => table.notice(notice),
             Err(e) => {
                 MALFORMED_NOTICE.warn(&e);
-                NoticeReply {
-                    accepted: false,
-                    reason: Some(format!("malformed prefill notice: {e}")),
-                }
+                NoticeReply::refused(format!("malformed prefill notice: {e}"))
             }
         };
         let bytes = serde_json::to_vec(&reply).expect("protocol types serialize");
@@ -369,6 +370,8 @@ enum RemoteEnd {
 }
 
 /// Queues `job`, the prefill of a request whose blocks the engine reserved, and waits for it.
+/// Whichever way it ends, the engine thread closes the claimant's grant before it frees or
+/// reuses the blocks (`EngineHost`), so this task may give up at any moment.
 async fn await_remote(
     ctx: &RemoteContext,
     host: &EngineHost,
@@ -377,7 +380,15 @@ async fn await_remote(
 ) -> RemoteEnd {
     let id = job.request_id.as_str();
     let timeout = ctx.state.config().remote_prefill_timeout;
-    let mut outcome = ctx.table.open(id);
+    let writable = job
+        .dst_block_ids
+        .get(job.cached_block_count..)
+        .unwrap_or_default()
+        .to_vec();
+    let mut outcome = ctx.table.open(id, writable);
+    // Dropped with this task (its caller was abandoned): the job leaves the table, so no
+    // claim is granted on blocks the engine is about to free.
+    let _entry = TableEntry(&ctx.table, id);
     let bytes = serde_json::to_vec(&job).expect("protocol types serialize");
     let give_up = |reason: &str| {
         record(&ctx.counters, |c| c.fallback(reason));
@@ -393,55 +404,39 @@ async fn await_remote(
         return RemoteEnd::Resume;
     }
     let mut deadline = tokio::time::Instant::now() + timeout;
-    let mut client_gone = false;
-    // After a cancel the request only waits to free its blocks safely.
-    let finish = |client_gone: bool, local: bool| {
-        if client_gone {
-            host.abort(id);
-            RemoteEnd::Cancelled
-        } else {
-            if local {
-                host.prefill_locally(id);
-            }
-            RemoteEnd::Resume
-        }
-    };
     loop {
         tokio::select! {
             biased;
-            _ = cancelled.cancelled(), if !client_gone => {
-                if ctx.table.cancel(id) {
-                    host.abort(id);
-                    return RemoteEnd::Cancelled;
-                }
-                client_gone = true;
+            _ = cancelled.cancelled() => {
+                ctx.table.remove(id);
+                host.abort(id);
+                return RemoteEnd::Cancelled;
             }
             got = &mut outcome => {
-                return match got {
+                match got {
                     Ok(Outcome::Done { first, backend, bytes, seconds }) => {
                         record(&ctx.counters, |c| c.record_transfer(&backend, bytes, seconds));
-                        if !client_gone {
-                            host.complete_remote(id, first);
-                        }
-                        finish(client_gone, false)
+                        host.complete_remote(id, first);
                     }
                     Ok(Outcome::Failed(reason)) => {
                         tracing::warn!(request = id, "remote prefill failed, prefilling locally: {reason}");
                         give_up("failed");
-                        finish(client_gone, true)
+                        host.prefill_locally(id);
                     }
                     Err(_) => {
                         give_up("failed");
-                        finish(client_gone, true)
+                        host.prefill_locally(id);
                     }
-                };
+                }
+                return RemoteEnd::Resume;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 match ctx.table.expire(id, timeout) {
                     Expiry::Expired => {
                         tracing::warn!(request = id, ?timeout, "no remote prefill in time, prefilling locally");
                         give_up("timeout");
-                        return finish(client_gone, true);
+                        host.prefill_locally(id);
+                        return RemoteEnd::Resume;
                     }
                     Expiry::WaitUntil(at) => deadline = at.into(),
                     // Settled by a notice just now: the outcome is ready.
@@ -449,6 +444,15 @@ async fn await_remote(
                 }
             }
         }
+    }
+}
+
+/// Removes a request from the table when its task ends, however it ends.
+struct TableEntry<'a>(&'a RemotePrefills, &'a str);
+
+impl Drop for TableEntry<'_> {
+    fn drop(&mut self) {
+        self.0.remove(self.1);
     }
 }
 

@@ -265,6 +265,11 @@ impl Engine {
         self.scheduler.has_work()
     }
 
+    /// Tokens the model knows: every token id it takes or samples is below this.
+    pub fn vocab_size(&self) -> usize {
+        self.executor.vocab_size()
+    }
+
     /// Prompt tokens the prefix cache holds for `tokens` now (full blocks, at least one token
     /// left to compute): the `prefix_hit_len` of the disaggregation rule. No side effects.
     pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {

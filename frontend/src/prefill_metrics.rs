@@ -51,6 +51,7 @@ pub struct PrefillMetrics {
     fallbacks: Family<ReasonLabels, Gauge>,
     transfer_bytes: Family<BackendLabels, Gauge>,
     transfer_seconds: ReportedHistogram,
+    refused_writes: Gauge,
 }
 
 impl PrefillMetrics {
@@ -76,6 +77,12 @@ impl PrefillMetrics {
             "baton_kv_transfer_bytes_total",
             "KV bytes prefill workers wrote into decode workers' caches, by backend",
             self.transfer_bytes.clone(),
+        );
+        registry.register(
+            "baton_kv_transfer_refused_total",
+            "KV writes the decode workers' fences refused because the writer's claim had ended \
+             (expired, cancelled, taken over) or was never granted",
+            self.refused_writes.clone(),
         );
         registry.register(
             "baton_kv_transfer_seconds",
@@ -104,6 +111,7 @@ impl PrefillMetrics {
             }
             total.transfer_seconds_sum += p.transfer_seconds_sum;
             total.transfers += p.transfers;
+            total.refused_writes += p.refused_writes;
         }
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for (place, n) in [("local", total.local), ("remote", total.remote)] {
@@ -114,6 +122,7 @@ impl PrefillMetrics {
                 .set(g(n));
         }
         self.queue_length.set(g(queue));
+        self.refused_writes.set(g(total.refused_writes));
         for reason in ["timeout", "failed", "queue_full"] {
             let n = total.fallbacks.get(reason).copied().unwrap_or(0);
             self.fallbacks

@@ -65,6 +65,7 @@ fn transfer(c: &mut Criterion) {
         ))
         .expect("sink");
     let desc = sink.descriptor();
+    let generation = sink.fences().grant(&ids).expect("grant");
     for backend in backends {
         let writer = runtime
             .block_on(connect(&desc, &layout, BackendChoice::Only(backend)))
@@ -72,7 +73,7 @@ fn transfer(c: &mut Criterion) {
         group.bench_function(backend.as_str(), |b| {
             b.iter(|| {
                 runtime
-                    .block_on(writer.write_blocks(&ids, &blocks))
+                    .block_on(writer.write_blocks(generation, &ids, &blocks))
                     .expect("write")
             })
         });

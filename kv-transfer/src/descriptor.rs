@@ -73,6 +73,38 @@ pub struct KvDescriptor {
     pub pid: u32,
     /// Preferred first.
     pub endpoints: Vec<KvEndpoint>,
+    /// The fence table's `/dev/shm` segment, for writers in other processes of this host
+    /// (shm, CUDA); in-process writers find it in the registry and the TCP server holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<String>,
+    /// What a TCP writer must present before the server reads a byte from it. It travels only
+    /// in discovery, which is the trust boundary: whoever may read the decode worker's record
+    /// may write its cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SinkSecret>,
+}
+
+/// A sink's TCP secret: 32 random bytes in hex. Its `Debug` shows no digit of it, so logging a
+/// descriptor does not leak it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SinkSecret(String);
+
+impl SinkSecret {
+    pub(crate) fn random() -> SinkSecret {
+        let bytes: [u8; 32] = rand::random();
+        SinkSecret(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for SinkSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SinkSecret(…)")
+    }
 }
 
 impl KvDescriptor {

@@ -43,6 +43,17 @@ pub enum TransferError {
     NotHostMemory(MemoryLocation),
     #[error("allocating {bytes} bytes of KV memory: {reason}")]
     Alloc { bytes: usize, reason: String },
+    #[error(
+        "block {block} is not granted to this write (it presented generation {presented}, the \
+         block carries {current}): its claim ended, so the write is refused before any byte lands"
+    )]
+    Fenced {
+        block: u32,
+        presented: u64,
+        current: u64,
+    },
+    #[error("KV fence table: {0}")]
+    Fence(String),
     #[error("KV sink backends {backends:?}: {reason}")]
     Backends {
         backends: Vec<String>,

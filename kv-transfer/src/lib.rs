@@ -6,19 +6,24 @@
 //! the same host memory. The sink's [`KvDescriptor`] (layout and endpoints) travels through
 //! discovery; a prefill worker [`connect`]s to it — after checking that both sides agree on the
 //! layout — and gets a [`KvTransfer`] whose `write_blocks` puts whole blocks (every layer) at
-//! the destination block ids.
+//! the destination block ids. Every write is fenced ([`KvFences`]): it lands only in blocks the
+//! decode worker granted to the writer's claim, under the generation the grant named, so a
+//! writer whose claim ended (expired, cancelled, taken over) is refused before a byte lands;
+//! the TCP server also refuses a peer that does not present the sink's secret.
 
 mod backend;
 mod descriptor;
 mod error;
+mod fence;
 mod layout;
 mod memory;
 mod registry;
 mod sink;
 mod transfer;
 
-pub use descriptor::{KvDescriptor, KvEndpoint, TransferBackend};
+pub use descriptor::{KvDescriptor, KvEndpoint, SinkSecret, TransferBackend};
 pub use error::TransferError;
+pub use fence::{BlockHeld, BlockHold, Generation, KvFences};
 pub use layout::KvLayout;
 pub use memory::{KvMemory, MemoryLocation};
 pub use sink::KvSink;

@@ -6,17 +6,20 @@
 //!
 //! # The aliasing invariant
 //! Every write through this crate targets blocks the decode worker reserved for one request
-//! (`dst_block_ids`): the engine does not read them until that request's `PrefillDone`
-//! arrives, and no two in-flight requests share a destination block. So a writer's byte ranges
-//! never overlap a range anyone else reads or writes at the same time, which is what makes the
-//! `&mut [u8]` views and `copy_nonoverlapping` calls below sound. Checking happens in
-//! [`KvLayout::check_write`] and [`checked_len`], before a byte moves.
+//! and granted to one writer (`dst_block_ids`, under a generation: `fence.rs`): the engine does
+//! not read them until that request's `PrefillDone` arrives, no two grants share a block, and
+//! a copy happens only while the writer holds the block's fence, which the decode worker
+//! closes before it frees or reuses the block. So a writer's byte ranges never overlap a range
+//! anyone else reads or writes at the same time, which is what makes the `&mut [u8]` views and
+//! `copy_nonoverlapping` calls below sound. Checking happens in [`KvLayout::check_write`],
+//! [`checked_len`] and the fence, before a byte moves.
 
 use std::io;
 
 use memmap2::MmapMut;
 
 use crate::error::TransferError;
+use crate::fence::{Generation, KvFences};
 use crate::layout::KvLayout;
 
 /// Memory holding a KV cache; the engine wraps it as tensors (tch from_blob), so it must stay
@@ -121,11 +124,14 @@ pub(crate) unsafe fn layer_chunk_mut<'a>(
     }
 }
 
-/// Writes wire blocks into host memory: each block's per-layer chunk to `offset(layer, dst)`.
-/// Returns the bytes written.
+/// Writes wire blocks into host memory under `generation`'s grant: each block is taken in
+/// `fences` (refused unless granted to `generation`), its per-layer chunks copied to
+/// `offset(layer, dst)`, then let go. Returns the bytes written.
 pub(crate) fn scatter_blocks(
     memory: &dyn KvMemory,
     layout: &KvLayout,
+    fences: &KvFences,
+    generation: Generation,
     dst_blocks: &[u32],
     blocks: &[Vec<u8>],
 ) -> Result<u64, TransferError> {
@@ -137,11 +143,12 @@ pub(crate) fn scatter_blocks(
     let chunk = layout.layer_block_bytes();
     let base = memory.as_mut_ptr();
     for (&dst, data) in dst_blocks.iter().zip(blocks) {
+        let _hold = fences.acquire(dst, generation)?;
         for (layer, src) in data.chunks_exact(chunk).enumerate() {
             let offset = layout.offset(layer, dst as usize);
             // SAFETY: `check_write` bounded `dst` and the block size, `checked_len` the memory,
             // so `offset + chunk <= memory.len()`; `src` is a caller's buffer, never the cache,
-            // so the ranges do not overlap; exclusivity by the aliasing invariant.
+            // so the ranges do not overlap; the hold makes the range ours (module doc).
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), base.add(offset), chunk) };
         }
     }

@@ -6,12 +6,21 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use crate::fence::KvFences;
 use crate::layout::KvLayout;
 use crate::memory::KvMemory;
 
 struct Registered {
     memory: Arc<dyn KvMemory>,
     layout: KvLayout,
+    fences: KvFences,
+}
+
+/// What an in-process writer finds under a registered name.
+pub(crate) struct Local {
+    pub(crate) memory: Arc<dyn KvMemory>,
+    pub(crate) layout: KvLayout,
+    pub(crate) fences: KvFences,
 }
 
 fn table() -> MutexGuard<'static, HashMap<String, Registered>> {
@@ -52,14 +61,29 @@ impl Drop for Registration {
     }
 }
 
-pub(crate) fn register(name: String, memory: Arc<dyn KvMemory>, layout: KvLayout) -> Registration {
-    table().insert(name.clone(), Registered { memory, layout });
+pub(crate) fn register(
+    name: String,
+    memory: Arc<dyn KvMemory>,
+    layout: KvLayout,
+    fences: KvFences,
+) -> Registration {
+    table().insert(
+        name.clone(),
+        Registered {
+            memory,
+            layout,
+            fences,
+        },
+    );
     Registration { name }
 }
 
-/// The memory and layout registered as `name`, if a live sink of this process holds it.
-pub(crate) fn lookup(name: &str) -> Option<(Arc<dyn KvMemory>, KvLayout)> {
-    table()
-        .get(name)
-        .map(|r| (r.memory.clone(), r.layout.clone()))
+/// The memory, layout and fences registered as `name`, if a live sink of this process holds
+/// it.
+pub(crate) fn lookup(name: &str) -> Option<Local> {
+    table().get(name).map(|r| Local {
+        memory: r.memory.clone(),
+        layout: r.layout.clone(),
+        fences: r.fences.clone(),
+    })
 }

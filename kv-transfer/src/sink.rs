@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backend::shm::ShmFile;
-use crate::backend::tcp::TcpServer;
+use crate::backend::tcp::{ServerParts, TcpServer};
 use crate::backend::{cuda, shm, simulated};
-use crate::descriptor::{local_host_name, KvDescriptor, KvEndpoint, TransferBackend};
+use crate::descriptor::{local_host_name, KvDescriptor, KvEndpoint, SinkSecret, TransferBackend};
 use crate::error::TransferError;
+use crate::fence::KvFences;
 use crate::layout::KvLayout;
 use crate::memory::{HostMemory, KvMemory};
 use crate::registry::{self, Registration};
@@ -23,9 +24,28 @@ pub struct KvSink {
     host: String,
     endpoints: Vec<KvEndpoint>,
     received: Arc<AtomicU64>,
+    /// Who may write which block now (`fence.rs`); the decode worker grants and closes.
+    fences: KvFences,
+    /// The fence table's shm file, for writers in other processes (shm, CUDA).
+    fence_file: Option<ShmFile>,
+    secret: Option<SinkSecret>,
     _registrations: Vec<Registration>,
     _shm: Option<ShmFile>,
     _tcp: Option<TcpServer>,
+}
+
+/// The fence table of a sink: in a shm file when writers in other processes of this host
+/// copy into the cache themselves (shm, CUDA IPC), else in anonymous memory.
+fn fence_table(
+    num_blocks: usize,
+    shared: bool,
+) -> Result<(KvFences, Option<ShmFile>), TransferError> {
+    if shared {
+        let (memory, file) = shm::create(crate::fence::table_bytes(num_blocks))?;
+        Ok((KvFences::create(memory, num_blocks)?, Some(file)))
+    } else {
+        Ok((KvFences::in_process(num_blocks)?, None))
+    }
 }
 
 impl KvSink {
@@ -65,9 +85,15 @@ impl KvSink {
             }
             let (memory, handle) = cuda::allocate(len, 0)?;
             let memory: Arc<dyn KvMemory> = Arc::new(memory);
+            let (fences, fence_file) = fence_table(layout.num_blocks, true)?;
             // Registered under its handle so a writer in this same process can skip the IPC
             // open (which the driver refuses inside the allocating process).
-            let registration = registry::register(handle.clone(), memory.clone(), layout.clone());
+            let registration = registry::register(
+                handle.clone(),
+                memory.clone(),
+                layout.clone(),
+                fences.clone(),
+            );
             return Ok(KvSink {
                 layout,
                 memory,
@@ -77,6 +103,9 @@ impl KvSink {
                     address: handle,
                 }],
                 received: Arc::default(),
+                fences,
+                fence_file,
+                secret: None,
                 _registrations: vec![registration],
                 _shm: None,
                 _tcp: None,
@@ -104,6 +133,11 @@ impl KvSink {
                 (memory, None)
             };
         let memory: Arc<dyn KvMemory> = Arc::new(memory);
+        let (fences, fence_file) =
+            fence_table(layout.num_blocks, wanted.contains(&TransferBackend::Shm))?;
+        let secret = wanted
+            .contains(&TransferBackend::Tcp)
+            .then(SinkSecret::random);
         let received = Arc::new(AtomicU64::new(0));
         let mut endpoints = Vec::new();
         let mut registrations = Vec::new();
@@ -112,8 +146,12 @@ impl KvSink {
         for backend in wanted {
             let address = match backend {
                 TransferBackend::Memory => {
-                    let registration =
-                        registry::register(registry::unique_name(), memory.clone(), layout.clone());
+                    let registration = registry::register(
+                        registry::unique_name(),
+                        memory.clone(),
+                        layout.clone(),
+                        fences.clone(),
+                    );
                     let name = registration.name().to_string();
                     registrations.push(registration);
                     name
@@ -123,13 +161,14 @@ impl KvSink {
                     None => unreachable!("the shm file is created whenever `shm` is asked for"),
                 },
                 TransferBackend::Tcp => {
-                    let server = TcpServer::start(
-                        memory.clone(),
-                        layout.clone(),
-                        tcp_host,
-                        received.clone(),
-                    )
-                    .await?;
+                    let parts = ServerParts {
+                        memory: memory.clone(),
+                        layout: layout.clone(),
+                        received: received.clone(),
+                        fences: fences.clone(),
+                        secret: secret.clone().expect("made whenever `tcp` is asked for"),
+                    };
+                    let server = TcpServer::start(parts, tcp_host).await?;
                     let address = server.addr().to_string();
                     tcp = Some(server);
                     address
@@ -146,6 +185,9 @@ impl KvSink {
             host: local_host_name(),
             endpoints,
             received,
+            fences,
+            fence_file,
+            secret,
             _registrations: registrations,
             _shm: shm_file,
             _tcp: tcp,
@@ -157,6 +199,9 @@ impl KvSink {
     pub fn simulated(layout: KvLayout, bytes_per_s: f64) -> Result<KvSink, TransferError> {
         let address = bytes_per_s.to_string();
         simulated::parse_rate(&address)?;
+        // Grants and closes run as on a real sink (the decode worker's code is the same);
+        // the simulated writer moves no bytes, so it never needs to acquire.
+        let (fences, fence_file) = fence_table(layout.num_blocks, false)?;
         Ok(KvSink {
             layout,
             memory: Arc::new(simulated::NoMemory),
@@ -166,6 +211,9 @@ impl KvSink {
                 address,
             }],
             received: Arc::default(),
+            fences,
+            fence_file,
+            secret: None,
             _registrations: Vec::new(),
             _shm: None,
             _tcp: None,
@@ -188,7 +236,18 @@ impl KvSink {
             host: self.host.clone(),
             pid: std::process::id(),
             endpoints: self.endpoints.clone(),
+            fence: self
+                .fence_file
+                .as_ref()
+                .map(|f| f.path().display().to_string()),
+            secret: self.secret.clone(),
         }
+    }
+
+    /// The cache's fence table: the decode worker grants a claimant its blocks here and
+    /// closes them before it frees or reuses them.
+    pub fn fences(&self) -> KvFences {
+        self.fences.clone()
     }
 
     /// Bytes the TCP server has written into this sink so far (memory and shm writers copy

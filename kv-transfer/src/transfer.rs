@@ -11,18 +11,22 @@ use async_trait::async_trait;
 use crate::backend::{cuda, memory, shm, simulated, tcp};
 use crate::descriptor::{KvDescriptor, KvEndpoint, TransferBackend};
 use crate::error::TransferError;
+use crate::fence::{Generation, KvFences};
 use crate::layout::KvLayout;
 
 /// The prefill worker's side: writes whole blocks into a decode worker's cache.
 #[async_trait]
 pub trait KvTransfer: Send + Sync {
     fn backend(&self) -> TransferBackend;
-    /// `blocks[i]` (each `layout.block_bytes()`) goes to block `dst_blocks[i]`. Validates with
-    /// `KvLayout::check_write` before any byte moves. Returns the bytes written. When it
-    /// returns Ok, the bytes are in the destination memory (TCP: the server acknowledged after
-    /// writing).
+    /// `blocks[i]` (each `layout.block_bytes()`) goes to block `dst_blocks[i]`, under the
+    /// grant of `generation` (the decode worker's answer to this writer's claim). Validates
+    /// with `KvLayout::check_write` before any byte moves; a block not granted to
+    /// `generation` is refused with [`TransferError::Fenced`] before a byte lands in it.
+    /// Returns the bytes written. When it returns Ok, the bytes are in the destination memory
+    /// (TCP: the server acknowledged after writing).
     async fn write_blocks(
         &self,
+        generation: Generation,
         dst_blocks: &[u32],
         blocks: &[Vec<u8>],
     ) -> Result<u64, TransferError>;
@@ -136,17 +140,36 @@ async fn open(
     Ok(match endpoint.backend {
         TransferBackend::Memory => Box::new(memory::open(&endpoint.address, ours)?),
         TransferBackend::Shm => {
-            let mapping = shm::open(&endpoint.address, &layout)?;
+            let mapping = shm::open(&endpoint.address, layout.checked_total_bytes()?)?;
             Box::new(memory::HostWriter::new(
                 TransferBackend::Shm,
                 Arc::new(mapping),
-                layout,
+                layout.clone(),
+                attach_fences(desc)?,
             )?)
         }
-        TransferBackend::Tcp => Box::new(tcp::TcpWriter::connect(&endpoint.address, layout).await?),
+        TransferBackend::Tcp => {
+            let secret = desc.secret.clone().ok_or_else(|| TransferError::Tcp {
+                addr: endpoint.address.clone(),
+                reason: "the decode worker publishes no secret for its KV server".into(),
+            })?;
+            Box::new(tcp::TcpWriter::connect(&endpoint.address, layout, secret).await?)
+        }
         TransferBackend::Cuda => cuda::open(desc, &endpoint.address)?,
         TransferBackend::Simulated => {
             Box::new(simulated::SimulatedLink::open(layout, &endpoint.address)?)
         }
     })
+}
+
+/// A writer's view of the fence table a same-host decode worker published (shm, CUDA IPC).
+pub(crate) fn attach_fences(desc: &KvDescriptor) -> Result<KvFences, TransferError> {
+    let path = desc.fence.as_deref().ok_or_else(|| {
+        TransferError::Fence(
+            "the decode worker publishes no fence table: it cannot be written safely".into(),
+        )
+    })?;
+    let num_blocks = desc.layout.num_blocks;
+    let mapping = shm::open(path, crate::fence::table_bytes(num_blocks))?;
+    KvFences::attach(mapping, num_blocks)
 }

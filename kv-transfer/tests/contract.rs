@@ -1,5 +1,7 @@
 //! One contract, run against every host backend: blocks land exactly at
-//! `offset(layer, dst_block)`, nothing else changes, and a bad write moves no byte.
+//! `offset(layer, dst_block)`, nothing else changes, a bad write moves no byte, and a write
+//! under a grant that ended (or was never made) is refused and counted without touching the
+//! cache.
 
 mod common;
 
@@ -25,7 +27,11 @@ async fn contract(backend: TransferBackend) {
     let blocks: Vec<Vec<u8>> = (0..DST.len())
         .map(|seed| pattern_block(&layout, seed))
         .collect();
-    let written = writer.write_blocks(&DST, &blocks).await.unwrap();
+    let generation = sink.fences().grant(&DST).unwrap();
+    let written = writer
+        .write_blocks(generation, &DST, &blocks)
+        .await
+        .unwrap();
     assert_eq!(written, (DST.len() * layout.block_bytes()) as u64);
 
     let cache = snapshot(&sink);
@@ -53,7 +59,62 @@ async fn contract(backend: TransferBackend) {
         assert_eq!(sink.bytes_received(), written);
     }
 
-    refuses_bad_writes(&*writer, &layout, &sink, &cache).await;
+    refuses_bad_writes(&*writer, &layout, &sink, &cache, generation).await;
+    refuses_ungranted_writes(&*writer, &layout, &sink, generation).await;
+}
+
+/// Writes outside the writer's grant: never granted, granted to another generation, closed.
+async fn refuses_ungranted_writes(
+    writer: &dyn kv_transfer::KvTransfer,
+    layout: &KvLayout,
+    sink: &KvSink,
+    generation: u64,
+) {
+    let backend = writer.backend();
+    let fences = sink.fences();
+    let before = snapshot(sink);
+    let block = pattern_block(layout, 8);
+    let refused_before = fences.refused();
+    let fenced = |r: Result<u64, TransferError>, want: u32| match r {
+        Err(TransferError::Fenced { block, .. }) => assert_eq!(block, want, "{backend}"),
+        other => panic!("{backend}: a write outside its grant gave {other:?}"),
+    };
+    // Block 0 was never granted.
+    fenced(
+        writer
+            .write_blocks(generation, &[0], std::slice::from_ref(&block))
+            .await,
+        0,
+    );
+    // Block 2 is closed (its request freed it), then granted to somebody else.
+    fences.close(&DST, std::time::Duration::ZERO).unwrap();
+    fenced(
+        writer
+            .write_blocks(generation, &[2], std::slice::from_ref(&block))
+            .await,
+        2,
+    );
+    let other = fences.grant(&[2]).unwrap();
+    fenced(
+        writer
+            .write_blocks(generation, &[2], std::slice::from_ref(&block))
+            .await,
+        2,
+    );
+    assert!(snapshot(sink) == before, "{backend}: a fenced write landed");
+    assert_eq!(
+        fences.refused(),
+        refused_before + 3,
+        "{backend}: refusals counted"
+    );
+    // The new grant's writer gets through.
+    writer
+        .write_blocks(other, &[2], std::slice::from_ref(&block))
+        .await
+        .unwrap();
+    let chunk = layout.layer_block_bytes();
+    let start = layout.offset(1, 2);
+    assert!(snapshot(sink)[start..start + chunk] == block[chunk..2 * chunk]);
 }
 
 /// Out-of-range ids, wrong sizes and mismatched counts are refused and leave `before` intact.
@@ -62,10 +123,11 @@ async fn refuses_bad_writes(
     layout: &KvLayout,
     sink: &KvSink,
     before: &[u8],
+    generation: u64,
 ) {
     let good = pattern_block(layout, 5);
     let out_of_range = writer
-        .write_blocks(&[3, 10], &[good.clone(), good.clone()])
+        .write_blocks(generation, &[3, 10], &[good.clone(), good.clone()])
         .await;
     assert!(
         matches!(
@@ -77,13 +139,15 @@ async fn refuses_bad_writes(
         ),
         "{out_of_range:?}"
     );
-    let short = writer.write_blocks(&[3], &[good[1..].to_vec()]).await;
+    let short = writer
+        .write_blocks(generation, &[3], &[good[1..].to_vec()])
+        .await;
     assert!(
         matches!(short, Err(TransferError::BlockSize { block: 3, .. })),
         "{short:?}"
     );
     let counts = writer
-        .write_blocks(&[3, 4], std::slice::from_ref(&good))
+        .write_blocks(generation, &[3, 4], std::slice::from_ref(&good))
         .await;
     assert!(
         matches!(counts, Err(TransferError::BlockCount { ids: 2, blocks: 1 })),
@@ -94,7 +158,7 @@ async fn refuses_bad_writes(
         "a refused write changed the cache"
     );
     // The writer still works after refusals (TCP: its connection was never poisoned).
-    assert_eq!(writer.write_blocks(&[], &[]).await.unwrap(), 0);
+    assert_eq!(writer.write_blocks(generation, &[], &[]).await.unwrap(), 0);
 }
 
 /// A prefill worker whose layout differs refuses at connect, naming the field.

@@ -195,7 +195,7 @@ async fn a_simulated_link_takes_bytes_over_rate_and_checks_block_ids() {
     let link = connect(&desc, &layout, BackendChoice::Auto).await.unwrap();
     let started = std::time::Instant::now();
     let bytes = link
-        .write_blocks(&[0, 1], &[Vec::new(), Vec::new()])
+        .write_blocks(1, &[0, 1], &[Vec::new(), Vec::new()])
         .await
         .unwrap();
     let took = started.elapsed().as_secs_f64();
@@ -206,11 +206,14 @@ async fn a_simulated_link_takes_bytes_over_rate_and_checks_block_ids() {
     );
     let outside = layout.num_blocks as u32;
     let err = link
-        .write_blocks(&[outside], &[Vec::new()])
+        .write_blocks(1, &[outside], &[Vec::new()])
         .await
         .unwrap_err();
     assert!(matches!(err, TransferError::NoSuchBlock { .. }), "{err}");
-    let err = link.write_blocks(&[0, 1], &[Vec::new()]).await.unwrap_err();
+    let err = link
+        .write_blocks(1, &[0, 1], &[Vec::new()])
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransferError::BlockCount { .. }), "{err}");
     // A bad rate, or a real sink asked for the simulated endpoint, is refused by name.
     assert!(KvSink::simulated(layout.clone(), 0.0)

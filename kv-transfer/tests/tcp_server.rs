@@ -1,12 +1,13 @@
-//! The KV server against peers that misbehave: garbage, bad headers, writes cancelled midway.
-//! None of them may crash it, write a byte into the cache, or spoil the next honest write.
+//! The KV server against peers that misbehave: no or a wrong secret, garbage, bad headers,
+//! writes under a grant that ended, writes cancelled midway. None of them may crash it, write
+//! a byte into the cache, or spoil the next honest write.
 
 mod common;
 
 use std::time::Duration;
 
 use common::{pattern_block, small_layout, snapshot, LOOPBACK};
-use kv_transfer::{connect, BackendChoice, KvLayout, KvSink, TransferBackend};
+use kv_transfer::{connect, BackendChoice, KvLayout, KvSink, TransferBackend, TransferError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -18,11 +19,28 @@ async fn tcp_sink(layout: KvLayout) -> (KvSink, String) {
     (sink, addr)
 }
 
+/// The sink's secret, as its discovery record carries it.
+fn secret(sink: &KvSink) -> String {
+    let desc = serde_json::to_value(sink.descriptor()).unwrap();
+    desc["secret"]
+        .as_str()
+        .expect("a TCP sink has a secret")
+        .to_string()
+}
+
+/// The hello an honest writer sends first.
+fn hello(secret: &str) -> Vec<u8> {
+    let mut hello = b"BKVH".to_vec();
+    hello.extend_from_slice(secret.as_bytes());
+    hello
+}
+
 /// Sends `frame` on a fresh connection; returns the server's error message, and checks that the
 /// server hung up after it.
 async fn refused(addr: &str, frame: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(frame).await.unwrap();
+    // The server may hang up before it has read all of a refused frame.
+    let _ = stream.write_all(frame).await;
     assert_eq!(stream.read_u8().await.unwrap(), 1, "status: error");
     let len = stream.read_u32_le().await.unwrap();
     let mut message = vec![0u8; len as usize];
@@ -36,10 +54,13 @@ async fn refused(addr: &str, frame: &[u8]) -> String {
     String::from_utf8(message).unwrap()
 }
 
-fn header(n_blocks: u32, block_bytes: u64, ids: &[u32]) -> Vec<u8> {
-    let mut frame = b"BKV1".to_vec();
+/// A hello with `secret`, then a request header for `generation`.
+fn header(secret: &str, n_blocks: u32, block_bytes: u64, generation: u64, ids: &[u32]) -> Vec<u8> {
+    let mut frame = hello(secret);
+    frame.extend_from_slice(b"BKV2");
     frame.extend_from_slice(&n_blocks.to_le_bytes());
     frame.extend_from_slice(&block_bytes.to_le_bytes());
+    frame.extend_from_slice(&generation.to_le_bytes());
     for id in ids {
         frame.extend_from_slice(&id.to_le_bytes());
     }
@@ -55,8 +76,9 @@ async fn honest_write_works(sink: &KvSink, layout: &KvLayout) {
     .await
     .unwrap();
     let block = pattern_block(layout, 1);
+    let generation = sink.fences().grant(&[4]).unwrap();
     writer
-        .write_blocks(&[4], std::slice::from_ref(&block))
+        .write_blocks(generation, &[4], std::slice::from_ref(&block))
         .await
         .unwrap();
     let cache = snapshot(sink);
@@ -71,8 +93,113 @@ async fn honest_write_works(sink: &KvSink, layout: &KvLayout) {
 async fn the_server_survives_a_garbage_frame() {
     let layout = small_layout();
     let (sink, addr) = tcp_sink(layout.clone()).await;
-    let message = refused(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut frame = hello(&secret(&sink));
+    frame.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let message = refused(&addr, &frame).await;
     assert!(message.contains("magic"), "{message}");
+    honest_write_works(&sink, &layout).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_the_secret_writes_nothing() {
+    let layout = small_layout();
+    let (sink, addr) = tcp_sink(layout.clone()).await;
+    let secret = secret(&sink);
+    // Every block granted, so only the secret stands between these peers and the cache.
+    let all: Vec<u32> = (0..layout.num_blocks as u32).collect();
+    let generation = sink.fences().grant(&all).unwrap();
+    let payload = vec![0xAB; layout.block_bytes()];
+    let request = |secret: &str| {
+        let mut frame = header(secret, 1, layout.block_bytes() as u64, generation, &[3]);
+        frame.extend_from_slice(&payload);
+        frame
+    };
+
+    // No hello at all: a request straight away.
+    let message = refused(&addr, &request(&secret)[4 + secret.len()..]).await;
+    assert!(message.contains("not authenticated"), "{message}");
+    // A wrong secret of the right length, and one that differs only in its last digit.
+    let wrong = "0".repeat(secret.len());
+    let message = refused(&addr, &request(&wrong)).await;
+    assert!(message.contains("not authenticated"), "{message}");
+    let mut near = secret.clone();
+    let last = if near.ends_with('0') { "1" } else { "0" };
+    near.replace_range(near.len() - 1.., last);
+    let message = refused(&addr, &request(&near)).await;
+    assert!(message.contains("not authenticated"), "{message}");
+    // A short secret followed by the request.
+    let message = refused(&addr, &request(&secret[..10])).await;
+    assert!(message.contains("not authenticated"), "{message}");
+
+    assert!(
+        snapshot(&sink).iter().all(|&b| b == 0),
+        "an unauthenticated peer wrote into the cache"
+    );
+    assert_eq!(sink.bytes_received(), 0);
+    // The same bytes with the secret land.
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    stream.write_all(&request(&secret)).await.unwrap();
+    assert_eq!(stream.read_u8().await.unwrap(), 0, "status: ok");
+    assert_eq!(
+        stream.read_u64_le().await.unwrap(),
+        layout.block_bytes() as u64
+    );
+    let start = layout.offset(0, 3);
+    assert!(snapshot(&sink)[start..start + 16]
+        .iter()
+        .all(|&b| b == 0xAB));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_under_an_ended_grant_is_refused_before_its_payload() {
+    let layout = small_layout();
+    let (sink, addr) = tcp_sink(layout.clone()).await;
+    let fences = sink.fences();
+    let old = fences.grant(&[2, 5]).unwrap();
+    fences.close(&[2, 5], Duration::ZERO).unwrap();
+    let new = fences.grant(&[5]).unwrap();
+    for (generation, ids) in [
+        (old, vec![2u32]),
+        (old, vec![5]),
+        (new, vec![5, 2]),
+        (0, vec![7]),
+    ] {
+        let mut frame = header(
+            &secret(&sink),
+            ids.len() as u32,
+            layout.block_bytes() as u64,
+            generation,
+            &ids,
+        );
+        frame.extend(std::iter::repeat_n(0xCD, ids.len() * layout.block_bytes()));
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        let _ = stream.write_all(&frame).await;
+        assert_eq!(stream.read_u8().await.unwrap(), 2, "status: fenced");
+        let block = stream.read_u32_le().await.unwrap();
+        assert!(ids.contains(&block), "{block} of {ids:?}");
+        assert_eq!(stream.read_u64_le().await.unwrap(), generation);
+    }
+    assert!(
+        snapshot(&sink).iter().all(|&b| b == 0),
+        "a fenced write landed"
+    );
+    assert_eq!(fences.refused(), 4);
+    // The writer of this crate reports it as `Fenced`.
+    let writer = connect(
+        &sink.descriptor(),
+        &layout,
+        BackendChoice::Only(TransferBackend::Tcp),
+    )
+    .await
+    .unwrap();
+    let err = writer
+        .write_blocks(old, &[2], &[pattern_block(&layout, 0)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Fenced { block: 2, presented, .. } if presented == old),
+        "{err}"
+    );
     honest_write_works(&sink, &layout).await;
 }
 
@@ -80,16 +207,18 @@ async fn the_server_survives_a_garbage_frame() {
 async fn bad_headers_are_refused_before_any_payload_lands() {
     let layout = small_layout();
     let (sink, addr) = tcp_sink(layout.clone()).await;
+    let secret = secret(&sink);
     let bb = layout.block_bytes() as u64;
     let payload = vec![0xAB; layout.block_bytes()];
+    let g = sink.fences().grant(&[1]).unwrap();
 
-    let mut out_of_range = header(2, bb, &[1, 10]);
+    let mut out_of_range = header(&secret, 2, bb, g, &[1, 10]);
     out_of_range.extend_from_slice(&payload);
     out_of_range.extend_from_slice(&payload);
     let message = refused(&addr, &out_of_range).await;
     assert!(message.contains("block id 10"), "{message}");
 
-    let mut wrong_size = header(1, bb - 4, &[1]);
+    let mut wrong_size = header(&secret, 1, bb - 4, g, &[1]);
     wrong_size.extend_from_slice(&payload[4..]);
     let message = refused(&addr, &wrong_size).await;
     assert!(
@@ -97,7 +226,7 @@ async fn bad_headers_are_refused_before_any_payload_lands() {
         "{message}"
     );
 
-    let message = refused(&addr, &header(u32::MAX, bb, &[])).await;
+    let message = refused(&addr, &header(&secret, u32::MAX, bb, g, &[])).await;
     assert!(message.contains("n_blocks"), "{message}");
 
     assert!(
@@ -128,13 +257,18 @@ async fn a_cancelled_write_does_not_spoil_the_next_one() {
     .await
     .unwrap();
     let ids: Vec<u32> = (0..8).collect();
+    let g = sink.fences().grant(&ids).unwrap();
     let junk: Vec<Vec<u8>> = (0..8).map(|_| vec![0xEE; layout.block_bytes()]).collect();
-    let _ = tokio::time::timeout(Duration::from_millis(1), writer.write_blocks(&ids, &junk)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_millis(1),
+        writer.write_blocks(g, &ids, &junk),
+    )
+    .await;
 
     let blocks: Vec<Vec<u8>> = (0..8).map(|seed| pattern_block(&layout, seed)).collect();
-    writer.write_blocks(&ids, &blocks).await.unwrap();
+    writer.write_blocks(g, &ids, &blocks).await.unwrap();
     // Several requests on one connection, too.
-    writer.write_blocks(&ids, &blocks).await.unwrap();
+    writer.write_blocks(g, &ids, &blocks).await.unwrap();
     let cache = snapshot(&sink);
     let chunk = layout.layer_block_bytes();
     for (seed, &block) in ids.iter().enumerate() {

@@ -1,5 +1,7 @@
 //! The queue consumer: pull, claim, prefill, transfer, notify, ack — one job at a time per
-//! worker. Decode workers' KV descriptors come from discovery (their instances' `kv_transfer`
+//! worker. A claim is answered with a grant: the generation every KV write of the job presents
+//! (the decode worker's fence refuses it once the claim ends) and the token its completion
+//! notice carries. Decode workers' KV descriptors come from discovery (their instances' `kv_transfer`
 //! metadata); a connection to each is opened once and kept.
 
 use std::collections::HashMap;
@@ -10,7 +12,9 @@ use engine::Request;
 use kv_transfer::{connect, BackendChoice, KvDescriptor, KvTransfer};
 use runtime::discovery::{decode_worker_endpoint, DiscoveryEvent, Instance};
 use runtime::dropped::DropWarnings;
-use runtime::protocol::{NoticeReply, PrefillNotice, RemotePrefillRequest, KV_TRANSFER_KEY};
+use runtime::protocol::{
+    ClaimGrant, NoticeReply, PrefillNotice, RemotePrefillRequest, KV_TRANSFER_KEY,
+};
 use runtime::request_plane::RequestPlane;
 use runtime::work_queue::{Job, WorkQueue};
 use runtime::Planes;
@@ -160,8 +164,12 @@ impl Consumer {
             request_id: id.clone(),
             delivery: job.delivery,
         };
-        match self.notify(&request.notice_address, &claim).await {
-            Ok(reply) if reply.accepted => {}
+        let grant = match self.notify(&request.notice_address, &claim).await {
+            Ok(NoticeReply {
+                accepted: true,
+                grant: Some(grant),
+                ..
+            }) => grant,
             Ok(reply) => {
                 tracing::debug!(request = %id, reason = ?reply.reason, "job dropped: not wanted");
                 let _ = job.ack().await;
@@ -172,13 +180,15 @@ impl Consumer {
                 let _ = job.ack().await;
                 return;
             }
-        }
-        let notice = match self.run_job(&request).await {
+        };
+        tracing::info!(request = %id, delivery = job.delivery, generation = grant.generation, "claimed a prefill job");
+        let notice = match self.run_job(&request, &grant).await {
             Ok(done) => done,
             Err(reason) => {
                 tracing::warn!(request = %id, "remote prefill failed: {reason}");
                 PrefillNotice::Failed {
                     request_id: id.clone(),
+                    token: grant.token.clone(),
                     reason,
                 }
             }
@@ -193,7 +203,11 @@ impl Consumer {
     }
 
     /// Prefill and transfer; the notice to send, or why it failed.
-    async fn run_job(&self, request: &RemotePrefillRequest) -> Result<PrefillNotice, String> {
+    async fn run_job(
+        &self,
+        request: &RemotePrefillRequest,
+        grant: &ClaimGrant,
+    ) -> Result<PrefillNotice, String> {
         let transfer = self.transfer_to(request.decode_instance).await?;
         let from = request.cached_block_count;
         if from > request.dst_block_ids.len() {
@@ -216,11 +230,16 @@ impl Consumer {
             .map_err(|e| e.to_string())?;
         let started = Instant::now();
         let bytes = transfer
-            .write_blocks(&request.dst_block_ids[from..], &prefilled.blocks)
+            .write_blocks(
+                grant.generation,
+                &request.dst_block_ids[from..],
+                &prefilled.blocks,
+            )
             .await
             .map_err(|e| e.to_string())?;
         Ok(PrefillNotice::Done {
             request_id: request.request_id.clone(),
+            token: grant.token.clone(),
             first_token: prefilled.first.token,
             logprob: prefilled.first.logprob,
             top_logprobs: prefilled.first.top_logprobs,

@@ -55,10 +55,11 @@ mod imp {
 
     use crate::descriptor::{KvDescriptor, TransferBackend};
     use crate::error::TransferError;
+    use crate::fence::{Generation, KvFences};
     use crate::layout::KvLayout;
     use crate::memory::{KvMemory, MemoryLocation};
     use crate::registry;
-    use crate::transfer::KvTransfer;
+    use crate::transfer::{attach_fences, KvTransfer};
 
     fn cuda_err(what: &str, result: CUresult) -> TransferError {
         let mut name: *const std::ffi::c_char = std::ptr::null();
@@ -238,6 +239,8 @@ mod imp {
         layout: KvLayout,
         /// Set when the pointer came from cuIpcOpenMemHandle and must be closed.
         ipc_opened: bool,
+        /// The sink's fence table (its shm segment, or the registry's in-process handle).
+        fences: KvFences,
         /// Keeps an in-process cache alive (the same-process path skips IPC, which the
         /// driver refuses within the allocating process).
         _local: Option<Arc<dyn KvMemory>>,
@@ -253,19 +256,21 @@ mod imp {
         let ctx = Context::primary(0)?;
         ctx.make_current()?;
         if desc.is_same_process() {
-            if let Some((memory, registered)) = registry::lookup(address) {
-                if let MemoryLocation::Cuda { .. } = memory.location() {
-                    crate::memory::checked_len(&registered, &*memory)?;
+            if let Some(local) = registry::lookup(address) {
+                if let MemoryLocation::Cuda { .. } = local.memory.location() {
+                    crate::memory::checked_len(&local.layout, &*local.memory)?;
                     return Ok(Box::new(CudaWriter {
-                        base: memory.as_mut_ptr() as CUdeviceptr,
-                        layout: registered,
+                        base: local.memory.as_mut_ptr() as CUdeviceptr,
+                        layout: local.layout,
                         ipc_opened: false,
-                        _local: Some(memory),
+                        fences: local.fences,
+                        _local: Some(local.memory),
                         ctx,
                     }));
                 }
             }
         }
+        let fences = attach_fences(desc)?;
         let handle = parse_handle(address)?;
         let mut base: CUdeviceptr = 0;
         let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
@@ -277,6 +282,7 @@ mod imp {
             base,
             layout,
             ipc_opened: true,
+            fences,
             _local: None,
             ctx,
         };
@@ -311,6 +317,7 @@ mod imp {
 
         async fn write_blocks(
             &self,
+            generation: Generation,
             dst_blocks: &[u32],
             blocks: &[Vec<u8>],
         ) -> Result<u64, TransferError> {
@@ -318,19 +325,20 @@ mod imp {
             self.ctx.make_current()?;
             let chunk = self.layout.layer_block_bytes();
             for (&dst, data) in dst_blocks.iter().zip(blocks) {
+                let _hold = self.fences.acquire(dst, generation)?;
                 for (layer, src) in data.chunks_exact(chunk).enumerate() {
                     let offset = self.layout.offset(layer, dst as usize) as CUdeviceptr;
-                    // SAFETY: in bounds (check_write, and the size checked at open); the
-                    // destination blocks are reserved for this request (memory.rs invariant).
+                    // SAFETY: in bounds (check_write, and the size checked at open); the hold
+                    // keeps the destination block granted to this write (memory.rs invariant).
                     check("cuMemcpyHtoD", unsafe {
                         sys::cuMemcpyHtoD_v2(self.base + offset, src.as_ptr().cast(), chunk)
                     })?;
                 }
+                // A copy from pageable memory may return before its DMA lands: the block is
+                // let go only once its bytes are in, and Ok means every byte is there.
+                // SAFETY: context current.
+                check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })?;
             }
-            // A copy from pageable memory may return before its DMA lands; the contract is
-            // that Ok means the bytes are in the destination.
-            // SAFETY: context current.
-            check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })?;
             Ok((blocks.len() * self.layout.block_bytes()) as u64)
         }
     }

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use crate::descriptor::TransferBackend;
 use crate::error::TransferError;
+use crate::fence::{Generation, KvFences};
 use crate::layout::KvLayout;
 use crate::memory::{checked_len, scatter_blocks, KvMemory};
 use crate::registry;
@@ -17,6 +18,7 @@ pub(crate) struct HostWriter {
     backend: TransferBackend,
     memory: Arc<dyn KvMemory>,
     layout: KvLayout,
+    fences: KvFences,
 }
 
 impl HostWriter {
@@ -24,12 +26,21 @@ impl HostWriter {
         backend: TransferBackend,
         memory: Arc<dyn KvMemory>,
         layout: KvLayout,
+        fences: KvFences,
     ) -> Result<HostWriter, TransferError> {
         checked_len(&layout, &*memory)?;
+        if fences.num_blocks() != layout.num_blocks {
+            return Err(TransferError::Fence(format!(
+                "a table of {} blocks for a cache of {}",
+                fences.num_blocks(),
+                layout.num_blocks
+            )));
+        }
         Ok(HostWriter {
             backend,
             memory,
             layout,
+            fences,
         })
     }
 }
@@ -37,10 +48,15 @@ impl HostWriter {
 /// The in-process writer for the cache registered as `name`. The registered layout is the
 /// one written with (it is the cache's own); `ours` must fit it like the descriptor's.
 pub(crate) fn open(name: &str, ours: &KvLayout) -> Result<HostWriter, TransferError> {
-    let (memory, layout) =
+    let local =
         registry::lookup(name).ok_or_else(|| TransferError::UnknownLocal(name.to_string()))?;
-    ours.check_compatible(&layout)?;
-    HostWriter::new(TransferBackend::Memory, memory, layout)
+    ours.check_compatible(&local.layout)?;
+    HostWriter::new(
+        TransferBackend::Memory,
+        local.memory,
+        local.layout,
+        local.fences,
+    )
 }
 
 #[async_trait]
@@ -51,12 +67,20 @@ impl KvTransfer for HostWriter {
 
     async fn write_blocks(
         &self,
+        generation: Generation,
         dst_blocks: &[u32],
         blocks: &[Vec<u8>],
     ) -> Result<u64, TransferError> {
         // Inline rather than on a blocking thread: a memcpy at memory bandwidth finishes a
         // prompt's blocks in milliseconds, less than handing the slices to another thread
         // would cost in copies (the caller's buffers are borrowed, not owned).
-        scatter_blocks(&*self.memory, &self.layout, dst_blocks, blocks)
+        scatter_blocks(
+            &*self.memory,
+            &self.layout,
+            &self.fences,
+            generation,
+            dst_blocks,
+            blocks,
+        )
     }
 }

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use memmap2::MmapMut;
 
 use crate::error::TransferError;
-use crate::layout::KvLayout;
 use crate::memory::HostMemory;
 
 const SHM_DIR: &str = "/dev/shm";
@@ -97,8 +96,9 @@ pub(crate) fn create(len: usize) -> Result<(HostMemory, ShmFile), TransferError>
     Ok((HostMemory::from_mapping(map), guard))
 }
 
-/// A writer's mapping of a sink's file, after checking it is one (name) of the right size.
-pub(crate) fn open(path: &str, layout: &KvLayout) -> Result<HostMemory, TransferError> {
+/// A writer's mapping of a sink's file (the cache, or its fence table), after checking it is
+/// one (name) of the `expected` size.
+pub(crate) fn open(path: &str, expected: usize) -> Result<HostMemory, TransferError> {
     let path = Path::new(path);
     // The path comes from discovery: map nothing but a Baton KV file, never e.g. /etc/...
     let is_ours = path.parent() == Some(Path::new(SHM_DIR))
@@ -112,7 +112,6 @@ pub(crate) fn open(path: &str, layout: &KvLayout) -> Result<HostMemory, Transfer
             format!("not a Baton KV segment (`{SHM_DIR}/{PREFIX}*`)"),
         ));
     }
-    let expected = layout.checked_total_bytes()?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -1,27 +1,36 @@
-//! TCP backend: a KV server in the decode worker writes framed blocks from any host straight
-//! into the cache memory, and a writer in the prefill worker that keeps one connection open.
+//! TCP backend: a KV server in the decode worker writes framed blocks from any host into the
+//! cache memory, and a writer in the prefill worker that keeps one connection open.
 //!
 //! # Wire format (little-endian throughout)
-//! A connection carries any number of request/reply exchanges, one at a time.
+//! A connection opens with a hello, then carries any number of request/reply exchanges, one
+//! at a time.
+//!
+//! Hello: `"BKVH"` then the sink's 64-character secret (from its discovery record). The server
+//! compares it in constant time and, on a mismatch or silence past [`HELLO_TIMEOUT`], replies
+//! with an error and hangs up: nothing else from an unauthenticated peer is ever read.
 //!
 //! Request:
 //! ```text
-//! magic        4 bytes   "BKV1"
+//! magic        4 bytes   "BKV2"
 //! n_blocks     u32       blocks in this request, at most the cache's num_blocks
 //! block_bytes  u64       bytes per block; must equal the server layout's block_bytes()
+//! generation   u64       the grant the writer's claim was answered with
 //! block_ids    n × u32   destination block ids, each < num_blocks
 //! payload      n × block_bytes   block i for block_ids[i]: layer 0's chunk, layer 1's, ...
 //! ```
-//! Reply: `[0u8][bytes written u64]`, or `[1u8][len u32][len bytes of UTF-8 message]` after
-//! which the server closes the connection.
+//! Reply: `[0u8][bytes written u64]`; `[2u8][block u32][presented u64][current u64]` when a
+//! block is not granted to the generation; `[1u8][len u32][len bytes of UTF-8 message]` for
+//! anything else. After a refusal the server closes the connection.
 //!
-//! The whole header — every destination id and the block size — comes before any payload, so
-//! the server validates a request completely before a single byte lands in the cache, and a
-//! garbage frame only costs the connection it came on. The payload is then read with
-//! `read_exact` directly into each layer chunk's place in the cache (no staging buffer): one
-//! kernel copy from the socket into the destination. A client dying mid-payload leaves its
-//! reserved blocks partly written, which is harmless: without a reply the prefill worker never
-//! sends `PrefillDone`, and the decode worker prefills those blocks itself after its timeout.
+//! The whole header — every destination id, the block size and the generation — comes before
+//! any payload, so the server validates a request completely (including that every block is
+//! granted to it) before a single byte lands in the cache, and a garbage frame only costs the
+//! connection it came on. Each layer chunk is read into a staging buffer and copied into the
+//! cache while the block's fence is held (`fence.rs`): holding it across a socket read would
+//! let a stalled peer keep the decode worker from ever freeing the block. A client dying
+//! mid-payload leaves its granted blocks partly written, which is harmless: without a reply
+//! the prefill worker never sends `PrefillDone`, and the decode worker closes the grant and
+//! prefills those blocks itself.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -35,16 +44,24 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::descriptor::TransferBackend;
+use subtle::ConstantTimeEq;
+
+use crate::descriptor::{SinkSecret, TransferBackend};
 use crate::error::TransferError;
+use crate::fence::{Generation, KvFences};
 use crate::layout::KvLayout;
 use crate::memory::{checked_len, layer_chunk_mut, KvMemory, MemoryLocation};
 use crate::transfer::KvTransfer;
 
-const MAGIC: [u8; 4] = *b"BKV1";
-const HEADER_BYTES: usize = 16;
+const HELLO_MAGIC: [u8; 4] = *b"BKVH";
+const SECRET_BYTES: usize = 64;
+const MAGIC: [u8; 4] = *b"BKV2";
+const HEADER_BYTES: usize = 24;
 const STATUS_OK: u8 = 0;
 const STATUS_ERR: u8 = 1;
+const STATUS_FENCED: u8 = 2;
+/// How long a new connection may take to say who it is.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Socket buffers for bulk KV: a few MB in flight keeps loopback and LAN links busy while the
 /// receiver is copying. (The kernel caps it at `net.core.{r,w}mem_max`.)
 const SOCKET_BUFFER: u32 = 4 << 20;
@@ -63,6 +80,17 @@ struct Shared {
     memory: Arc<dyn KvMemory>,
     layout: KvLayout,
     received: Arc<AtomicU64>,
+    fences: KvFences,
+    secret: SinkSecret,
+}
+
+/// What a sink's TCP server needs besides its address.
+pub(crate) struct ServerParts {
+    pub(crate) memory: Arc<dyn KvMemory>,
+    pub(crate) layout: KvLayout,
+    pub(crate) received: Arc<AtomicU64>,
+    pub(crate) fences: KvFences,
+    pub(crate) secret: SinkSecret,
 }
 
 /// The KV server of a sink; stops accepting, and drops its connections, when dropped.
@@ -73,11 +101,16 @@ pub(crate) struct TcpServer {
 
 impl TcpServer {
     pub(crate) async fn start(
-        memory: Arc<dyn KvMemory>,
-        layout: KvLayout,
+        parts: ServerParts,
         host: IpAddr,
-        received: Arc<AtomicU64>,
     ) -> Result<TcpServer, TransferError> {
+        let ServerParts {
+            memory,
+            layout,
+            received,
+            fences,
+            secret,
+        } = parts;
         checked_len(&layout, &*memory)?;
         if memory.location() != MemoryLocation::Host {
             return Err(TransferError::NotHostMemory(memory.location()));
@@ -100,6 +133,8 @@ impl TcpServer {
             memory,
             layout,
             received,
+            fences,
+            secret,
         });
         let accept = tokio::spawn(accept_loop(listener, shared));
         Ok(TcpServer { addr, accept })
@@ -140,7 +175,30 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 enum ServeError {
     /// The peer sent something no writer of this crate sends: tell it, then hang up.
     Frame(String),
+    /// A block of the request is not granted to its generation: tell it, then hang up.
+    Fenced {
+        block: u32,
+        presented: u64,
+        current: u64,
+    },
     Io(io::Error),
+}
+
+impl From<TransferError> for ServeError {
+    fn from(e: TransferError) -> Self {
+        match e {
+            TransferError::Fenced {
+                block,
+                presented,
+                current,
+            } => ServeError::Fenced {
+                block,
+                presented,
+                current,
+            },
+            other => ServeError::Frame(other.to_string()),
+        }
+    }
 }
 
 impl From<io::Error> for ServeError {
@@ -149,10 +207,71 @@ impl From<io::Error> for ServeError {
     }
 }
 
+/// Reads the hello and checks the secret in constant time; nothing else is read first.
+async fn hello(stream: &mut TcpStream, secret: &SinkSecret) -> Result<(), ServeError> {
+    let mut hello = [0u8; 4 + SECRET_BYTES];
+    match tokio::time::timeout(HELLO_TIMEOUT, stream.read_exact(&mut hello)).await {
+        Err(_) => {
+            return Err(ServeError::Frame(format!(
+                "no hello within {HELLO_TIMEOUT:?}"
+            )))
+        }
+        Ok(read) => {
+            read?;
+        }
+    }
+    let magic_ok = hello[..4] == HELLO_MAGIC;
+    let secret_ok: bool = hello[4..].ct_eq(secret.as_bytes()).into();
+    if magic_ok && secret_ok {
+        Ok(())
+    } else {
+        Err(ServeError::Frame(
+            "not authenticated: the hello must carry the secret of this sink's discovery record"
+                .into(),
+        ))
+    }
+}
+
+async fn refuse(stream: &mut TcpStream, peer: SocketAddr, error: ServeError) {
+    let reply = match error {
+        ServeError::Frame(message) => {
+            tracing::warn!(%peer, %message, "KV server: refused a request");
+            let mut reply = vec![STATUS_ERR];
+            reply.extend_from_slice(&(message.len() as u32).to_le_bytes());
+            reply.extend_from_slice(message.as_bytes());
+            reply
+        }
+        ServeError::Fenced {
+            block,
+            presented,
+            current,
+        } => {
+            tracing::warn!(%peer, block, presented, current, "KV server: refused a write its grant no longer covers");
+            let mut reply = vec![STATUS_FENCED];
+            reply.extend_from_slice(&block.to_le_bytes());
+            reply.extend_from_slice(&presented.to_le_bytes());
+            reply.extend_from_slice(&current.to_le_bytes());
+            reply
+        }
+        ServeError::Io(e) => {
+            tracing::debug!(%peer, error = %e, "KV server: connection ended");
+            return;
+        }
+    };
+    let _ = stream.write_all(&reply).await;
+    let _ = stream.shutdown().await;
+}
+
 async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    if let Err(e) = hello(&mut stream, &shared.secret).await {
+        refuse(&mut stream, peer, e).await;
+        return;
+    }
+    // One layer chunk at a time is staged here before it is copied under the block's fence.
+    let mut staging = vec![0u8; shared.layout.layer_block_bytes()];
     loop {
-        match serve_request(&mut stream, &shared).await {
+        match serve_request(&mut stream, &shared, &mut staging).await {
             Ok(None) => return,
             Ok(Some(bytes)) => {
                 shared.received.fetch_add(bytes, Ordering::Relaxed);
@@ -163,17 +282,8 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
                     return;
                 }
             }
-            Err(ServeError::Frame(message)) => {
-                tracing::warn!(%peer, %message, "KV server: refused a request");
-                let mut reply = vec![STATUS_ERR];
-                reply.extend_from_slice(&(message.len() as u32).to_le_bytes());
-                reply.extend_from_slice(message.as_bytes());
-                let _ = stream.write_all(&reply).await;
-                let _ = stream.shutdown().await;
-                return;
-            }
-            Err(ServeError::Io(e)) => {
-                tracing::debug!(%peer, error = %e, "KV server: connection ended");
+            Err(e) => {
+                refuse(&mut stream, peer, e).await;
                 return;
             }
         }
@@ -181,7 +291,11 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
 }
 
 /// Reads one request into the cache. `Ok(None)`: the peer closed between requests.
-async fn serve_request(stream: &mut TcpStream, shared: &Shared) -> Result<Option<u64>, ServeError> {
+async fn serve_request(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    staging: &mut [u8],
+) -> Result<Option<u64>, ServeError> {
     let layout = &shared.layout;
     let mut header = [0u8; HEADER_BYTES];
     let first = stream.read(&mut header).await?;
@@ -191,13 +305,14 @@ async fn serve_request(stream: &mut TcpStream, shared: &Shared) -> Result<Option
     stream.read_exact(&mut header[first..]).await?;
     if header[..4] != MAGIC {
         return Err(ServeError::Frame(format!(
-            "bad magic {:02x?}, expected {:02x?} (\"BKV1\")",
+            "bad magic {:02x?}, expected {:02x?} (\"BKV2\")",
             &header[..4],
             MAGIC
         )));
     }
     let n_blocks = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
     let block_bytes = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let generation = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
     if n_blocks > layout.num_blocks {
         return Err(ServeError::Frame(format!(
             "`n_blocks` {n_blocks} exceeds the cache's {} blocks",
@@ -222,13 +337,28 @@ async fn serve_request(stream: &mut TcpStream, shared: &Shared) -> Result<Option
             layout.num_blocks
         )));
     }
+    // Refused before the payload: a writer whose claim ended learns it without sending it.
+    if let Some(&stale) = ids
+        .iter()
+        .find(|&&id| !shared.fences.is_granted(id as u32, generation))
+    {
+        shared.fences.count_refused();
+        return Err(ServeError::Fenced {
+            block: stale as u32,
+            presented: generation,
+            current: 0,
+        });
+    }
     for &block in &ids {
         for layer in 0..layout.num_layers {
+            stream.read_exact(staging).await?;
+            // The grant may have ended while the bytes travelled: taken again for each copy.
+            let _hold = shared.fences.acquire(block as u32, generation)?;
             // SAFETY: `start` checked the layout against the memory, `block` and `layer` are in
-            // range (checked above), and the destination block is reserved for this request
-            // (aliasing invariant, memory.rs) — nothing else touches the range meanwhile.
+            // range (checked above), and the hold keeps the block ours for the copy (aliasing
+            // invariant, memory.rs).
             let chunk = unsafe { layer_chunk_mut(&*shared.memory, layout, layer, block) };
-            stream.read_exact(chunk).await?;
+            chunk.copy_from_slice(staging);
         }
     }
     Ok(Some(ids.len() as u64 * block_bytes))
@@ -238,6 +368,7 @@ async fn serve_request(stream: &mut TcpStream, shared: &Shared) -> Result<Option
 pub(crate) struct TcpWriter {
     addr: String,
     layout: KvLayout,
+    secret: SinkSecret,
     /// `None` while disconnected — and while an exchange is in flight: the stream is taken out
     /// so a write cancelled mid-payload drops (closes) it, instead of leaving a half-sent frame
     /// for the next write to continue as if it were payload.
@@ -245,11 +376,16 @@ pub(crate) struct TcpWriter {
 }
 
 impl TcpWriter {
-    pub(crate) async fn connect(addr: &str, layout: KvLayout) -> Result<TcpWriter, TransferError> {
-        let stream = dial(addr).await?;
+    pub(crate) async fn connect(
+        addr: &str,
+        layout: KvLayout,
+        secret: SinkSecret,
+    ) -> Result<TcpWriter, TransferError> {
+        let stream = dial(addr, &secret).await?;
         Ok(TcpWriter {
             addr: addr.to_string(),
             layout,
+            secret,
             conn: Mutex::new(Some(stream)),
         })
     }
@@ -257,6 +393,7 @@ impl TcpWriter {
     async fn send(
         &self,
         conn: &mut Option<TcpStream>,
+        generation: Generation,
         ids: &[u32],
         blocks: &[Vec<u8>],
     ) -> Result<u64, TransferError> {
@@ -264,13 +401,14 @@ impl TcpWriter {
         loop {
             let mut stream = match conn.take() {
                 Some(stream) => stream,
-                None => dial(&self.addr).await?,
+                None => dial(&self.addr, &self.secret).await?,
             };
-            match exchange(&mut stream, &self.layout, ids, blocks).await {
+            match exchange(&mut stream, &self.layout, generation, ids, blocks).await {
                 Ok(bytes) => {
                     *conn = Some(stream);
                     return Ok(bytes);
                 }
+                Err(Exchange::Fenced(e)) => return Err(e),
                 Err(Exchange::Refused(message)) => {
                     return Err(tcp_err(
                         &self.addr,
@@ -289,7 +427,8 @@ impl TcpWriter {
     }
 }
 
-async fn dial(addr: &str) -> Result<TcpStream, TransferError> {
+/// Connects and says hello with the sink's secret.
+async fn dial(addr: &str, secret: &SinkSecret) -> Result<TcpStream, TransferError> {
     let target = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| tcp_err(addr, format!("resolve: {e}")))?
@@ -308,14 +447,22 @@ async fn dial(addr: &str) -> Result<TcpStream, TransferError> {
         .map_err(|_| tcp_err(addr, format!("connect timed out after {CONNECT_TIMEOUT:?}")))?
         .map_err(|e| tcp_err(addr, format!("connect: {e}")))?;
     // The header is small and the reply tiny: neither may wait on Nagle or a delayed ACK.
+    let mut stream = stream;
     stream
         .set_nodelay(true)
         .map_err(|e| tcp_err(addr, format!("TCP_NODELAY: {e}")))?;
+    let mut hello = HELLO_MAGIC.to_vec();
+    hello.extend_from_slice(secret.as_bytes());
+    stream
+        .write_all(&hello)
+        .await
+        .map_err(|e| tcp_err(addr, format!("hello: {e}")))?;
     Ok(stream)
 }
 
 enum Exchange {
     Refused(String),
+    Fenced(TransferError),
     Io(io::Error),
 }
 
@@ -328,6 +475,7 @@ impl From<io::Error> for Exchange {
 async fn exchange(
     stream: &mut TcpStream,
     layout: &KvLayout,
+    generation: Generation,
     ids: &[u32],
     blocks: &[Vec<u8>],
 ) -> Result<u64, Exchange> {
@@ -335,6 +483,7 @@ async fn exchange(
     header.extend_from_slice(&MAGIC);
     header.extend_from_slice(&(ids.len() as u32).to_le_bytes());
     header.extend_from_slice(&(layout.block_bytes() as u64).to_le_bytes());
+    header.extend_from_slice(&generation.to_le_bytes());
     for id in ids {
         header.extend_from_slice(&id.to_le_bytes());
     }
@@ -346,6 +495,16 @@ async fn exchange(
     stream.flush().await?;
     match stream.read_u8().await? {
         STATUS_OK => Ok(stream.read_u64_le().await?),
+        STATUS_FENCED => {
+            let block = stream.read_u32_le().await?;
+            let presented = stream.read_u64_le().await?;
+            let current = stream.read_u64_le().await?;
+            Err(Exchange::Fenced(TransferError::Fenced {
+                block,
+                presented,
+                current,
+            }))
+        }
         STATUS_ERR => {
             let len = stream.read_u32_le().await?;
             if len > MAX_ERROR_LEN {
@@ -375,6 +534,7 @@ impl KvTransfer for TcpWriter {
 
     async fn write_blocks(
         &self,
+        generation: Generation,
         dst_blocks: &[u32],
         blocks: &[Vec<u8>],
     ) -> Result<u64, TransferError> {
@@ -389,7 +549,7 @@ impl KvTransfer for TcpWriter {
             .chunks(per_request)
             .zip(blocks.chunks(per_request))
         {
-            written += self.send(&mut conn, ids, data).await?;
+            written += self.send(&mut conn, generation, ids, data).await?;
         }
         Ok(written)
     }

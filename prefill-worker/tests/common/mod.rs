@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use decode_worker::{
     worker_endpoint, DecodeWorker, DisaggConfig, DisaggState, DisaggThresholds, Disaggregation,
-    EngineHost,
+    EngineHost, HostDisagg,
 };
 use engine::{loader, EngineOptions, SharedModel};
 use kv_transfer::{BackendChoice, KvSink, TransferBackend};
@@ -124,7 +124,11 @@ pub async fn graph(spec: GraphSpec<'_>) -> Graph {
         .expect("sink opens");
     let (engine, _) = spec.model.engine_in(&opts, Some(sink.memory())).unwrap();
     let state = DisaggState::new(spec.disagg);
-    let host = EngineHost::start_with(engine, None, "decode-test", Some(state.clone())).unwrap();
+    let host_disagg = HostDisagg {
+        rule: state.clone(),
+        fences: sink.fences(),
+    };
+    let host = EngineHost::start_with(engine, None, "decode-test", Some(host_disagg)).unwrap();
     let decode = DecodeWorker::start_with(
         host,
         &planes,

@@ -8,7 +8,7 @@ pub use generate::{
     FinishReason, GenerateRequest, GenerateResponse, TokenDelta, TokenLogprob, WorkerLoad,
 };
 pub use prefill::{
-    DisaggThresholds, NoticeReply, PrefillCounters, PrefillNotice, RemotePrefillRequest,
-    KV_TRANSFER_KEY, TRANSFER_SECONDS_BUCKETS,
+    ClaimGrant, DisaggThresholds, NoticeReply, PrefillCounters, PrefillNotice,
+    RemotePrefillRequest, KV_TRANSFER_KEY, TRANSFER_SECONDS_BUCKETS,
 };
 pub use sampling::{InvalidParameter, SamplingParams, GREEDY_TEMPERATURE, MAX_LOGPROBS};

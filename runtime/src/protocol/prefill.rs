@@ -3,8 +3,10 @@
 //!
 //! A prefill worker claims a job before it computes it, so a job whose request was cancelled,
 //! timed out or already served is dropped when pulled; the decode worker grants one claim per
-//! request (a redelivery after the claimant died may claim again) and accepts exactly one
-//! completion, which is what makes late and duplicate completions harmless.
+//! request (a redelivery after the claimant died may claim again, which ends the earlier
+//! claim) and accepts exactly one completion, from the claimant of the live grant, which is
+//! what makes late, duplicate and forged completions harmless. The grant's generation fences
+//! the claimant's KV writes: once its claim ends, its writes are refused before they land.
 
 use std::collections::BTreeMap;
 
@@ -51,8 +53,11 @@ pub enum PrefillNotice {
     /// delivery count of the job.
     Claim { request_id: String, delivery: u64 },
     /// The blocks are written; `first_token` was sampled with the request's parameters.
+    /// `token` is the claim's [`ClaimGrant::token`]: only the live claimant can settle a job.
     Done {
         request_id: String,
+        #[serde(default)]
+        token: String,
         first_token: u32,
         logprob: f32,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -64,7 +69,12 @@ pub enum PrefillNotice {
     },
     /// The prefill could not be done (refused, layout mismatch, transfer error): prefill
     /// locally now.
-    Failed { request_id: String, reason: String },
+    Failed {
+        request_id: String,
+        #[serde(default)]
+        token: String,
+        reason: String,
+    },
 }
 
 impl PrefillNotice {
@@ -81,9 +91,48 @@ impl PrefillNotice {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoticeReply {
     pub accepted: bool,
-    /// Why not, when refused (cancelled, timed out, already served).
+    /// Why not, when refused (cancelled, timed out, already served, not the claimant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What an accepted claim is granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<ClaimGrant>,
+}
+
+impl NoticeReply {
+    pub fn refused(reason: impl Into<String>) -> NoticeReply {
+        NoticeReply {
+            accepted: false,
+            reason: Some(reason.into()),
+            grant: None,
+        }
+    }
+
+    pub fn accepted() -> NoticeReply {
+        NoticeReply {
+            accepted: true,
+            reason: None,
+            grant: None,
+        }
+    }
+}
+
+/// What the claimant of a job is granted: the generation its KV writes must present (the
+/// decode worker's fence refuses any other), and the token its `Done`/`Failed` must carry.
+/// Both end with the claim; the token is random, so a NATS publisher that is not the claimant
+/// cannot settle the request.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimGrant {
+    pub generation: u64,
+    pub token: String,
+}
+
+impl std::fmt::Debug for ClaimGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimGrant")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Upper bounds (seconds) of the KV-transfer time histogram.
@@ -107,6 +156,11 @@ pub struct PrefillCounters {
     pub transfer_buckets: Vec<u64>,
     pub transfer_seconds_sum: f64,
     pub transfers: u64,
+    /// KV writes refused by this worker's fence: their claim had ended (expired, cancelled,
+    /// taken over) or was never granted. Each is a late writer kept out of another request's
+    /// blocks.
+    #[serde(default)]
+    pub refused_writes: u64,
 }
 
 impl PrefillCounters {
@@ -137,6 +191,7 @@ mod tests {
     fn notices_round_trip_and_transfers_land_in_their_bucket() {
         let n = PrefillNotice::Done {
             request_id: "r".into(),
+            token: "t".into(),
             first_token: 5,
             logprob: -0.25,
             top_logprobs: vec![],
