@@ -34,6 +34,9 @@ pub async fn frontend(
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         max_body_bytes: args.max_body_bytes,
         max_inflight: args.max_inflight,
+        max_queued: args.max_queued,
+        queue_timeout: args.queue_timeout,
+        request_timeout: args.request_timeout,
         drain_timeout: Duration::from_secs(args.drain_timeout),
     };
     if frontend_config.max_inflight == 0 {

@@ -48,7 +48,16 @@ pub fn run(args: RunArgs) -> Result<()> {
                     let model = components::load_model(&settings).await?;
                     components::decode_worker(&planes, &settings, &model, 0).await?
                 };
-                serve::shutdown_signal().await;
+                tokio::select! {
+                    _ = serve::shutdown_signal() => {}
+                    reason = worker.failed() => {
+                        // Its lease is being revoked; once etcd no longer lists it, a non-zero
+                        // exit lets a supervisor (`baton serve`, systemd, Kubernetes) start a
+                        // healthy worker.
+                        wait_withdrawn(&planes, &settings, worker.instance_id()).await;
+                        bail!("the decode worker's engine died: {reason}");
+                    }
+                }
                 // Operators (and the soak test) read leaks from this line: a quiet worker
                 // holds no block for a request.
                 let in_use = worker.host().load().kv_blocks_used;
@@ -73,6 +82,21 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Waits (up to 2 s) until discovery no longer lists decode worker `id`: the revoke is the
+/// keep-alive task's round trip to etcd, which exiting at once could cut short.
+async fn wait_withdrawn(planes: &Planes, settings: &Resolved, id: u64) {
+    let endpoint = decode_worker::worker_endpoint(&settings.namespace);
+    for _ in 0..20 {
+        match planes.discovery.watch(&endpoint).await {
+            Ok((now, _)) if !now.iter().any(|i| i.instance_id == id) => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot read discovery: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tracing::warn!("still listed in discovery after 2 s; its lease ends with its TTL");
 }
 
 async fn connect(settings: &Resolved) -> Result<Planes> {

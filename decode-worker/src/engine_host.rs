@@ -86,7 +86,14 @@ pub struct EngineHost {
     load: watch::Receiver<WorkerLoad>,
     kv_events: Mutex<Option<mpsc::UnboundedReceiver<KvEvent>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Set (once) when the engine thread died of a panic: the worker must leave discovery and
+    /// its process exit, so a supervisor starts a healthy one.
+    fault: watch::Receiver<Option<String>>,
 }
+
+/// Test-only fault injection: the engine thread panics after this many steps (a stand-in for
+/// a bug outside `Engine::step`'s own recovery). Read once per host; unset in production.
+const PANIC_AFTER_STEPS_ENV: &str = "BATON_TEST_ENGINE_PANIC_AFTER_STEPS";
 
 /// The engine thread's outlets besides each request's own channel.
 struct Outlets {
@@ -168,9 +175,28 @@ impl EngineHost {
             kv_in: kv_events,
             kv_out,
         };
+        let panic_after = std::env::var(PANIC_AFTER_STEPS_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok());
+        let (fault_tx, fault) = watch::channel(None);
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(engine, rx, outlets, placer, grants))
+            .spawn(move || {
+                // A panic here ends the thread: its requests' channels drop with it (their
+                // tasks end them with an error or migrate them) and the fault is reported.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(engine, rx, outlets, placer, grants, panic_after)
+                }));
+                if let Err(panic) = ran {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "a panic".into());
+                    tracing::error!("the engine thread died: {what}");
+                    let _ = fault_tx.send(Some(what));
+                }
+            })
             .map_err(WorkerError::Spawn)?;
         Ok(Self {
             commands,
@@ -179,7 +205,23 @@ impl EngineHost {
             load,
             kv_events: Mutex::new(Some(kv_rx)),
             thread: Mutex::new(Some(thread)),
+            fault,
         })
+    }
+
+    /// Resolves with the reason once the engine thread has died of a panic (never, while it
+    /// runs or after a clean shutdown).
+    pub async fn failed(&self) -> String {
+        let mut fault = self.fault.clone();
+        loop {
+            if let Some(reason) = fault.borrow_and_update().clone() {
+                return reason;
+            }
+            if fault.changed().await.is_err() {
+                // The thread ended without a fault: nothing will ever be reported.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Tokens the engine's model knows (a remote prefill's first token must be one).
@@ -330,8 +372,10 @@ fn run(
     outlets: Outlets,
     placer: Placer,
     mut grants: Grants,
+    panic_after: Option<u64>,
 ) {
     let mut streams: HashMap<String, Stream> = HashMap::new();
+    let mut steps = 0u64;
     loop {
         // Block only when there is nothing to step (requests waiting for a remote prefill
         // are woken by a command; deferred releases are retried on a timer).
@@ -396,6 +440,10 @@ fn run(
             grants.release(&mut engine, &mut streams, &id, Release::Abort);
         }
         if engine.has_work() {
+            steps += 1;
+            if panic_after.is_some_and(|n| steps > n) {
+                panic!("injected by {PANIC_AFTER_STEPS_ENV} after {steps} steps");
+            }
             match engine.step() {
                 Ok(outputs) => {
                     for out in outputs {

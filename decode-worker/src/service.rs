@@ -70,11 +70,13 @@ pub const LOAD_MIN_GAP: Duration = Duration::from_millis(50);
 /// A running decode worker: registered, serving, publishing, and withdrawn when stopped.
 pub struct DecodeWorker {
     host: Arc<EngineHost>,
+    /// Taken (and so withdrawn from discovery) by `stop`, or at once when the engine dies.
+    registration: Arc<Mutex<Option<Registration>>>,
     /// Keeps the KV cache's memory and its endpoints alive as long as the worker.
     _sink: Option<KvSink>,
     /// Fires when the worker is abandoned: open responses are dropped without a word.
     abandoned: CancellationToken,
-    registration: Registration,
+    instance_id: u64,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -193,17 +195,42 @@ impl DecodeWorker {
                 id,
             )));
         }
+        let registration = Arc::new(Mutex::new(Some(registration)));
+        // A dead engine thread must not stay routable: withdraw the instance at once (the
+        // lease is revoked, not left to expire) and let the process decide what to do next.
+        tasks.push(tokio::spawn({
+            let (host, registration) = (host.clone(), registration.clone());
+            async move {
+                let reason = host.failed().await;
+                let withdrawn = registration
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                drop(withdrawn);
+                tracing::error!(
+                    instance = format!("{id:x}"),
+                    "withdrawn from discovery: its engine died ({reason})"
+                );
+            }
+        }));
         Ok(Self {
             host,
+            registration,
             _sink: sink,
             abandoned,
-            registration,
+            instance_id: id,
             tasks,
         })
     }
 
     pub fn instance_id(&self) -> u64 {
-        self.registration.instance.instance_id
+        self.instance_id
+    }
+
+    /// Resolves with the reason once the worker's engine thread has died: it has already left
+    /// discovery; the caller should exit non-zero so a supervisor restarts it.
+    pub async fn failed(&self) -> String {
+        self.host.failed().await
     }
 
     pub fn host(&self) -> &Arc<EngineHost> {
@@ -219,7 +246,12 @@ impl DecodeWorker {
 
     /// Withdraws the instance (no new requests are routed here), then fails what still runs.
     pub fn stop(self) {
-        drop(self.registration);
+        let withdrawn = self
+            .registration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(withdrawn);
         for task in &self.tasks {
             task.abort();
         }
@@ -519,7 +551,11 @@ async fn handle(
                 }
             }
             None => {
-                let _ = response.error("the engine stopped".into()).await;
+                // The engine thread is gone without a word for this request (it died: an
+                // orderly stop fails each request first). Fall silent as a killed process
+                // would, so the router migrates the stream (its worker has left discovery)
+                // instead of reporting an engine error that would fail it.
+                drop(response);
                 return;
             }
             Some(EngineEvent::Failed(message)) => {

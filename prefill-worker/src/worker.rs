@@ -200,6 +200,9 @@ impl Consumer {
         if let Err(e) = job.ack().await {
             tracing::warn!(request = %id, "cannot ack the prefill job: {e}");
         }
+        // Operators (and the fault tests) pair this with the claim: between the two lines the
+        // worker holds the job.
+        tracing::info!(request = %id, "finished a prefill job");
     }
 
     /// Prefill and transfer; the notice to send, or why it failed.

@@ -85,7 +85,7 @@ async fn dropping_the_stream_mid_response_cancels_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_goes_quiet_fails_the_caller_with_silent_and_is_cancelled() {
-    let silence = Duration::from_millis(300);
+    let silence = Duration::from_secs(1);
     let nats = NatsServer::start().expect("nats-server");
     let worker = plane(&nats, silence).await;
     let caller = plane(&nats, silence).await;
@@ -102,7 +102,9 @@ async fn a_worker_that_goes_quiet_fails_the_caller_with_silent_and_is_cancelled(
     );
     let waited = started.elapsed();
     assert!(
-        waited >= silence && waited < silence * 4,
+        // Only the lower bound is the contract; the upper one catches a silence timer that
+        // never fires, with room for a loaded 2-core machine.
+        waited >= silence && waited < silence * 10,
         "failed after {waited:?}"
     );
     assert_eq!(stream.next().await, None);

@@ -18,12 +18,35 @@ impl Proc {
         Self::spawn_in(None, name, args, nats, etcd)
     }
 
+    /// As [`Proc::spawn`], with `env` set in the child (after the `BATON_*` variables of the
+    /// test's own environment are removed).
+    pub fn spawn_env(
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nats: &str,
+        etcd: &str,
+    ) -> Proc {
+        Self::spawn_full(None, name, args, env, nats, etcd)
+    }
+
     /// As [`Proc::spawn`], inside network namespace `netns` when given (`ip netns exec`, which
     /// execs baton in place: the child is baton itself).
     pub fn spawn_in(
         netns: Option<&str>,
         name: &str,
         args: &[&str],
+        nats: &str,
+        etcd: &str,
+    ) -> Proc {
+        Self::spawn_full(netns, name, args, &[], nats, etcd)
+    }
+
+    fn spawn_full(
+        netns: Option<&str>,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
         nats: &str,
         etcd: &str,
     ) -> Proc {
@@ -43,6 +66,7 @@ impl Proc {
                 cmd.env_remove(key);
             }
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .args(args)
             .args(["--nats-server", nats, "--etcd-endpoints", etcd])

@@ -66,6 +66,23 @@ impl Isa {
         Self::below(Self::best())
     }
 
+    /// [`Isa::available`], after printing which variants `test` runs here and which it cannot
+    /// on this CPU, so a pass on a machine without AVX-512 or AMX says what it did not cover.
+    pub fn available_for(test: &str) -> Vec<Isa> {
+        let here = Self::available();
+        let names = |isas: &[Isa]| isas.iter().map(|i| i.name()).collect::<Vec<_>>().join(", ");
+        let missing: Vec<Isa> = Self::below(Isa::Amx)
+            .into_iter()
+            .filter(|i| !here.contains(i))
+            .collect();
+        eprintln!(
+            "{test}: ran on [{}]; not on this CPU: [{}]",
+            names(&here),
+            names(&missing)
+        );
+        here
+    }
+
     fn below(best: Isa) -> Vec<Isa> {
         let all = [
             Isa::Amx,

@@ -472,7 +472,7 @@ mod tests {
         let delta: Vec<f32> = (0..hd).map(|i| ((i * 11 % 7) as f32 - 3.0) / 9.0).collect();
         let w: Vec<f32> = (0..hd).map(|i| 0.5 + i as f32 / 40.0).collect();
         let bits = |v: &[f32]| v.iter().map(|&f| narrow(f)).collect::<Vec<u16>>();
-        for isa in Isa::available() {
+        for isa in Isa::available_for("row_pieces_match_their_definitions_on_every_isa") {
             let (mut xb, db) = (bits(&x), bits(&delta));
             let mut out = vec![0u16; hd];
             add_norm_rows(isa, &mut xb, Some(&db), &w, 1e-5, &mut out);
@@ -553,7 +553,10 @@ mod tests {
         };
         let w = KernelWeights::new(&c, Kind::BFloat16, &tensors).expect("bf16 weights");
         assert!(CpuKernels::fuses_rows(&w));
-        for (isa, threads) in Isa::available().into_iter().flat_map(|i| [(i, 1), (i, 3)]) {
+        for (isa, threads) in Isa::available_for("fused_pieces_match_libtorch_ops_on_tensors")
+            .into_iter()
+            .flat_map(|i| [(i, 1), (i, 3)])
+        {
             let k = CpuKernels::new(threads, isa);
             let t = 7usize;
             let xs: Vec<f32> = (0..t * 32)

@@ -28,7 +28,7 @@ fn matmul_matches_f64_on_every_isa_shape_and_thread_count() {
         Team::with(3, false),
         Team::with(2, false),
     ];
-    for isa in Isa::available() {
+    for isa in Isa::available_for("matmul_matches_f64_on_every_isa_shape_and_thread_count") {
         for &(m, k, n) in &[
             (1, 64, 32),
             (3, 577, 100),
@@ -290,7 +290,7 @@ fn prefill_attention_on_tiles_matches_f64_softmax() {
 #[test]
 fn decode_attention_matches_f64_softmax_on_every_isa() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    for isa in Isa::available() {
+    for isa in Isa::available_for("decode_attention_matches_f64_softmax_on_every_isa") {
         for team in [Team::new(1), Team::new(2), Team::with(2, false)] {
             // (kv heads, head dim, query heads): SmolLM2's group of 3 at d 64, another in
             // registers, and one the kernels take with accumulators in memory.
