@@ -45,9 +45,22 @@ pub struct ServeArgs {
     pub api_key: Option<String>,
     #[arg(long, env = "BATON_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
-    /// Requests in flight at once; more get 503 at once.
+    /// Requests in flight at once; more wait in the admission queue (--max-queued).
     #[arg(long, env = "BATON_MAX_INFLIGHT", default_value_t = 1024)]
     pub max_inflight: usize,
+    /// Requests waiting for a slot of --max-inflight, served first in, first out; past it a
+    /// request gets 503 at once, with a Retry-After from how fast slots free. 0: no queue.
+    #[arg(long, env = "BATON_MAX_QUEUED", default_value_t = 1024)]
+    pub max_queued: usize,
+    /// Seconds a request waits in the admission queue before a 503.
+    #[arg(long, env = "BATON_QUEUE_TIMEOUT", value_name = "SECONDS", default_value = "60",
+          value_parser = positive_seconds, allow_hyphen_values = true)]
+    pub queue_timeout: Duration,
+    /// Seconds to receive a request's headers, and then its body: a slower client is cut
+    /// (408 when its body is late). Serving the request is not bounded by it.
+    #[arg(long, env = "BATON_REQUEST_TIMEOUT", value_name = "SECONDS", default_value = "30",
+          value_parser = positive_seconds, allow_hyphen_values = true)]
+    pub request_timeout: Duration,
     /// Engine workers in this process [default: `VllmWorker.ServiceArgs.workers`, else 1]; 0
     /// serves the frontend alone (it answers 503 until a worker registers).
     #[arg(long, env = "BATON_WORKERS")]
@@ -203,9 +216,23 @@ pub struct ServeArgs {
     #[arg(long, env = "BATON_KV_TRANSFER")]
     kv_transfer: Option<String>,
     /// Address a decode worker's KV server binds and advertises for TCP transfers [default:
-    /// `Baton.kv-host`, else 127.0.0.1].
+    /// `Baton.kv-host`, else this host's address on the route to NATS — 127.0.0.1 when NATS
+    /// is local or unset].
     #[arg(long, env = "BATON_KV_HOST")]
     kv_host: Option<IpAddr>,
+}
+
+/// A flag's seconds: positive and finite (fractions allowed), refused as the flags are parsed,
+/// before anything is loaded.
+fn positive_seconds(value: &str) -> Result<Duration, String> {
+    let secs: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("must be a positive number of seconds, not {value}"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{value} seconds: {e}"))
 }
 
 impl Resolved {
@@ -424,10 +451,14 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
     let kv_transfer: BackendChoice = kv_transfer_name
         .parse()
         .map_err(|e| anyhow::anyhow!("`--kv-transfer` {kv_transfer_name:?}: {e}"))?;
-    let kv_host = args
-        .kv_host
-        .or(baton.kv_host)
-        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    // Advertised to prefill workers, so by default the address that reaches NATS (where every
+    // component meets): loopback when NATS is local or absent, the routable interface when
+    // the graph spans hosts.
+    let kv_host = args.kv_host.or(baton.kv_host).unwrap_or_else(|| {
+        nats.as_deref()
+            .and_then(kv_transfer::address_towards)
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+    });
     let executor = args
         .executor
         .clone()

@@ -291,7 +291,6 @@ async fn a_prefill_worker_on_another_node_moves_kv_over_tcp() {
     // NATS and etcd listen on the host side of the veth pair, the one address both nodes reach.
     let nats = NatsServer::start_on(ns.host_ip).expect("nats-server");
     let etcd = EtcdServer::start_on(ns.host_ip).expect("etcd");
-    let host_ip = ns.host_ip.to_string();
     let flags = [
         "--namespace",
         "multi-node",
@@ -299,10 +298,8 @@ async fn a_prefill_worker_on_another_node_moves_kv_over_tcp() {
         "true",
         "--conditional-disagg",
         "false",
-        "--kv-transfer",
-        "tcp",
-        "--kv-host",
-        &host_ip,
+        // `auto` and no --kv-host: the decode worker advertises its address on the route to
+        // NATS, and the prefill worker, in another network namespace, picks TCP.
         "--dtype",
         "f32",
         "--block-size",

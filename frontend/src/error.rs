@@ -11,6 +11,9 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// A 503's `Retry-After` in seconds, when the cause knows better than
+    /// [`RETRY_AFTER_SECS`] (admission, from how fast slots free).
+    pub retry_after_secs: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -62,6 +65,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some(clip(param.into())),
             code: None,
+            retry_after_secs: None,
         }
     }
 
@@ -72,6 +76,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: None,
+            retry_after_secs: None,
         }
     }
 
@@ -82,6 +87,7 @@ impl ApiError {
             kind: "authentication_error",
             param: None,
             code: Some("invalid_api_key"),
+            retry_after_secs: None,
         }
     }
 
@@ -92,6 +98,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),
+            retry_after_secs: None,
         }
     }
 
@@ -102,6 +109,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: None,
+            retry_after_secs: None,
         }
     }
 
@@ -112,6 +120,31 @@ impl ApiError {
             kind: "service_unavailable",
             param: None,
             code: None,
+            retry_after_secs: None,
+        }
+    }
+
+    /// 503 telling the client to retry after `retry_after_secs` seconds.
+    pub fn unavailable_for(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        Self {
+            retry_after_secs: Some(retry_after_secs),
+            ..Self::unavailable(message)
+        }
+    }
+
+    /// 408: the request (its body) did not arrive within `--request-timeout`.
+    pub fn request_timeout(timeout: std::time::Duration) -> Self {
+        Self {
+            status: 408,
+            message: format!(
+                "the request body did not arrive within the request timeout of {} s \
+                 (`--request-timeout`)",
+                timeout.as_secs_f64()
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after_secs: None,
         }
     }
 
@@ -122,6 +155,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: None,
+            retry_after_secs: None,
         }
     }
 
@@ -133,6 +167,7 @@ impl ApiError {
             kind: "internal_error",
             param: None,
             code: None,
+            retry_after_secs: None,
         }
     }
 
@@ -149,9 +184,10 @@ impl ApiError {
     }
 }
 
-/// What a 503 tells the client to wait before retrying, in seconds: every cause (admission
-/// full, no worker, workers at capacity, a worker gone) clears on the scale of a request, and a
-/// client that retries at once only adds load.
+/// What a 503 tells the client to wait before retrying, in seconds, unless the error carries
+/// its own (admission's, from the measured drain rate): the other causes (no worker, workers at
+/// capacity, a worker gone) clear on the scale of a request, and a client that retries at once
+/// only adds load.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
 impl axum::response::IntoResponse for ApiError {
@@ -165,11 +201,12 @@ impl axum::response::IntoResponse for ApiError {
         )
             .into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
+            let secs = self.retry_after_secs.unwrap_or(RETRY_AFTER_SECS);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
+        if status == StatusCode::PAYLOAD_TOO_LARGE || status == StatusCode::REQUEST_TIMEOUT {
             // The rest of the body is left unread, so the connection cannot carry another
             // request; without saying so, a client's pool reuses it and its next request fails.
             response
@@ -226,6 +263,9 @@ mod tests {
         use axum::response::IntoResponse;
         let r = ApiError::too_large(10).into_response();
         assert_eq!(r.headers()[axum::http::header::CONNECTION], "close");
+        let r = ApiError::request_timeout(std::time::Duration::from_secs(30)).into_response();
+        assert_eq!(r.status(), 408);
+        assert_eq!(r.headers()[axum::http::header::CONNECTION], "close");
         let r = ApiError::bad_request("x").into_response();
         assert!(!r.headers().contains_key(axum::http::header::CONNECTION));
     }
@@ -236,6 +276,8 @@ mod tests {
         let busy = ApiError::unavailable("full").into_response();
         assert_eq!(busy.status(), 503);
         assert_eq!(busy.headers()[axum::http::header::RETRY_AFTER], "1");
+        let queued = ApiError::unavailable_for("queue full", 7).into_response();
+        assert_eq!(queued.headers()[axum::http::header::RETRY_AFTER], "7");
         for e in [
             ApiError::bad_request("x"),
             ApiError::unauthorized(),

@@ -15,8 +15,9 @@ use futures::stream::{self, BoxStream, StreamExt};
 use processor::{ChoiceOutput, OutputStep};
 use router::{RoutedStream, Router, RouterError};
 use runtime::protocol::{GenerateRequest, GenerateResponse, SamplingParams};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
+use crate::admission::Permit;
 use crate::error::ApiError;
 use crate::metrics::InflightGuard;
 use crate::protocol::Usage;
@@ -296,7 +297,7 @@ pub struct StreamContext {
     pub include_usage: bool,
     pub choices_per_prompt: u32,
     pub timer: Timer,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: Permit,
     pub inflight: InflightGuard,
 }
 

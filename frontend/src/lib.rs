@@ -4,6 +4,7 @@
 //! strings) and leaves as OpenAI JSON or server-sent-event chunks. Metrics, health, auth and
 //! admission limits live here too.
 
+pub mod admission;
 pub mod error;
 pub mod generation;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! The frontend's Prometheus metrics (`GET /metrics`): requests by model, endpoint and status,
-//! in-flight requests, latencies (time to first token, inter-token latency, end to end), token
+//! in-flight requests, the admission queue (its length, and how long requests waited in it),
+//! latencies (time to first token, inter-token latency, end to end), token
 //! counts, and the engine's load as the workers report it (KV blocks, sequences, prefix-cache
 //! hit rate). Every name starts with `baton_`; the exposition is OpenMetrics text.
 
@@ -45,6 +46,12 @@ fn token_latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 13))
 }
 
+/// 1 ms .. ~65 s, ×2 per bucket: time in the admission queue, up to past the default
+/// `--queue-timeout` of 60 s.
+fn admission_wait_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
 /// All of the frontend's metrics and the registry they are exposed from. `Send + Sync`: share
 /// one behind an `Arc`.
 #[derive(Debug)]
@@ -52,6 +59,8 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     inflight: Gauge,
+    admission_queued: Gauge,
+    admission_wait: Histogram,
     ttft: HistogramFamily,
     itl: HistogramFamily,
     e2e: HistogramFamily,
@@ -91,6 +100,8 @@ impl Metrics {
         let mut m = Self {
             requests: Family::default(),
             inflight: Gauge::default(),
+            admission_queued: Gauge::default(),
+            admission_wait: admission_wait_histogram(),
             ttft: Family::new_with_constructor(request_latency_histogram as fn() -> Histogram),
             itl: Family::new_with_constructor(token_latency_histogram as fn() -> Histogram),
             e2e: Family::new_with_constructor(request_latency_histogram as fn() -> Histogram),
@@ -116,6 +127,16 @@ impl Metrics {
             "baton_inflight_requests",
             "Requests being served now",
             m.inflight.clone(),
+        );
+        registry.register(
+            "baton_admission_queued",
+            "Requests waiting in the admission queue for a slot of --max-inflight",
+            m.admission_queued.clone(),
+        );
+        registry.register(
+            "baton_admission_wait_seconds",
+            "Time a request waited for a slot: 0 for one admitted at once, the queue timeout for one refused after it",
+            m.admission_wait.clone(),
         );
         registry.register(
             "baton_time_to_first_token_seconds",
@@ -183,6 +204,17 @@ impl Metrics {
         InflightGuard {
             gauge: self.inflight.clone(),
         }
+    }
+
+    /// Sets the admission queue's length (read when `/metrics` is asked).
+    pub fn set_admission_queued(&self, queued: usize) {
+        self.admission_queued
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
+
+    /// A request's wait for a slot: admitted after it, or refused at the queue timeout.
+    pub fn observe_admission_wait(&self, waited: std::time::Duration) {
+        self.admission_wait.observe(waited.as_secs_f64());
     }
 
     /// `endpoint`: a short name such as `chat` or `completions`.
@@ -303,6 +335,30 @@ mod tests {
         assert_line(&m.render(), "baton_inflight_requests 1");
         drop(b);
         assert_line(&m.render(), "baton_inflight_requests 0");
+    }
+
+    #[test]
+    fn admission_queue_and_wait() {
+        let m = Metrics::default();
+        let text = m.render();
+        assert_line(&text, "# TYPE baton_admission_queued gauge");
+        assert_line(&text, "baton_admission_queued 0");
+        assert_line(&text, "# TYPE baton_admission_wait_seconds histogram");
+        m.set_admission_queued(3);
+        m.observe_admission_wait(std::time::Duration::ZERO);
+        m.observe_admission_wait(std::time::Duration::from_millis(1500));
+        let text = m.render();
+        assert_line(&text, "baton_admission_queued 3");
+        assert_line(&text, "baton_admission_wait_seconds_count 2");
+        assert_line(&text, "baton_admission_wait_seconds_sum 1.5");
+        assert_line(
+            &text,
+            r#"baton_admission_wait_seconds_bucket{le="0.001"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"baton_admission_wait_seconds_bucket{le="2.048"} 2"#,
+        );
     }
 
     #[test]

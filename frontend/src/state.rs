@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use processor::ServedModel;
 use router::Router;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{self, Admission, Class, Permit, Refused};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
@@ -19,9 +19,16 @@ pub struct FrontendConfig {
     /// When set, every route but `/health` and `/live` needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
-    /// Requests admitted at once; beyond it a request gets 503 at once instead of queueing
-    /// without bound (the engines keep their own waiting queues).
+    /// Requests served at once; beyond it a request waits in the admission queue.
     pub max_inflight: usize,
+    /// Requests waiting for a slot, first in, first out; past it a request gets 503 at once
+    /// (nothing queues without bound; the engines keep their own waiting queues). 0: no queue.
+    pub max_queued: usize,
+    /// Longest wait in the admission queue before a 503.
+    pub queue_timeout: Duration,
+    /// Longest time to receive a request's headers, and then its body: a client that sends
+    /// them slowly (slow loris) is cut off instead of holding a connection and a task.
+    pub request_timeout: Duration,
     /// How long Ctrl-C waits for in-flight streams before ending them with an error.
     pub drain_timeout: Duration,
 }
@@ -33,6 +40,9 @@ impl Default for FrontendConfig {
             api_key: None,
             max_body_bytes: 8 << 20,
             max_inflight: 1024,
+            max_queued: 1024,
+            queue_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -50,7 +60,7 @@ pub struct AppState {
     pub router: Arc<Router>,
     pub metrics: Metrics,
     pub config: FrontendConfig,
-    admission: Arc<Semaphore>,
+    admission: Admission,
     /// Fires when the drain timeout has passed: open streams end with an error.
     pub abort_streams: CancellationToken,
 }
@@ -63,7 +73,11 @@ impl AppState {
             model,
             router,
             metrics,
-            admission: Arc::new(Semaphore::new(config.max_inflight)),
+            admission: Admission::new(admission::Limits {
+                max_inflight: config.max_inflight,
+                max_queued: config.max_queued,
+                queue_timeout: config.queue_timeout,
+            }),
             config,
             abort_streams: CancellationToken::new(),
         }
@@ -75,13 +89,27 @@ impl AppState {
         self
     }
 
-    /// A slot for one request, held until its response is complete.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        self.admission.clone().try_acquire_owned().map_err(|_| {
-            ApiError::unavailable(format!(
-                "the server is at its limit of {} requests in flight; retry later",
-                self.config.max_inflight
-            ))
-        })
+    /// The admission queue (for `/metrics`, and for tests that hold its slots).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// A slot for one request, held until its response is complete: at once when one is
+    /// free, else after the requests queued before it; 503 with a `Retry-After` from the
+    /// measured drain rate when the queue is full or the wait passes `--queue-timeout`.
+    pub async fn admit(&self) -> Result<Permit, ApiError> {
+        match self.admission.admit(Class::Default).await {
+            Ok(admitted) => {
+                self.metrics.observe_admission_wait(admitted.waited);
+                Ok(admitted.permit)
+            }
+            Err(refused) => {
+                if let Refused::TimedOut { timeout, .. } = refused {
+                    self.metrics.observe_admission_wait(timeout);
+                }
+                let retry = refused.retry_after_secs();
+                Err(ApiError::unavailable_for(refused.to_string(), retry))
+            }
+        }
     }
 }

@@ -119,8 +119,43 @@ impl KvDescriptor {
     }
 }
 
-/// This machine's host name (`gethostname`), or "localhost" should the call fail.
+/// Who "this host" is for shared memory and CUDA IPC: the host name, and the network
+/// namespace's inode. Two containers (or `ip netns` nodes) on one machine have separate network
+/// namespaces and usually separate `/dev/shm`, so they count as two hosts and talk TCP; that
+/// is never wrong, where guessing "same host" would be.
 pub(crate) fn local_host_name() -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/proc/self/ns/net") {
+        Ok(ns) => format!("{}/net:{}", host_name(), ns.ino()),
+        Err(_) => host_name(),
+    }
+}
+
+/// The address other hosts reach this one at on the way to `peer` (`host:port`, or a URL such
+/// as `nats://host:port`; the first of a comma-separated list): the source address the kernel
+/// picks for it. No packet is sent. `None` when `peer` does not resolve or has no route.
+pub fn address_towards(peer: &str) -> Option<std::net::IpAddr> {
+    use std::net::{ToSocketAddrs, UdpSocket};
+    let first = peer.split(',').next()?.trim();
+    let authority = first.split_once("://").map_or(first, |(_, rest)| rest);
+    let authority = authority.split('/').next()?;
+    // Credentials (`user:pass@host:port`) are not part of the address.
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let target = authority.to_socket_addrs().ok()?.next()?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = UdpSocket::bind(bind).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+/// This machine's host name (`gethostname`), or "localhost" should the call fail.
+fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for `buf.len()` bytes; gethostname writes at most that.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
@@ -130,4 +165,27 @@ pub(crate) fn local_host_name() -> String {
     // POSIX leaves truncated names possibly unterminated: stop at the first NUL or the end.
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_towards_a_peer_is_the_one_that_reaches_it() {
+        let lo = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(address_towards("nats://127.0.0.1:4222"), lo);
+        assert_eq!(
+            address_towards("http://127.0.0.1:2379,http://10.0.0.9:2379"),
+            lo
+        );
+        assert_eq!(address_towards("nats://user:secret@127.0.0.1:4222/"), lo);
+        assert_eq!(address_towards("not an address"), None);
+    }
+
+    #[test]
+    fn the_host_identity_names_the_network_namespace() {
+        let me = local_host_name();
+        assert!(me.contains("/net:"), "{me}");
+    }
 }

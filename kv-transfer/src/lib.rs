@@ -21,7 +21,7 @@ mod registry;
 mod sink;
 mod transfer;
 
-pub use descriptor::{KvDescriptor, KvEndpoint, SinkSecret, TransferBackend};
+pub use descriptor::{address_towards, KvDescriptor, KvEndpoint, SinkSecret, TransferBackend};
 pub use error::TransferError;
 pub use fence::{BlockHeld, BlockHold, Generation, KvFences};
 pub use layout::KvLayout;

@@ -139,6 +139,7 @@ async fn a_peer_without_the_secret_writes_nothing() {
     // The same bytes with the secret land.
     let mut stream = TcpStream::connect(&addr).await.unwrap();
     stream.write_all(&request(&secret)).await.unwrap();
+    assert_eq!(stream.read_u8().await.unwrap(), 3, "status: go");
     assert_eq!(stream.read_u8().await.unwrap(), 0, "status: ok");
     assert_eq!(
         stream.read_u64_le().await.unwrap(),
@@ -294,4 +295,32 @@ async fn the_server_stops_with_its_sink() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{addr} still accepts after the sink dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_ends_while_the_payload_travels_lands_nothing() {
+    let layout = small_layout();
+    let (sink, addr) = tcp_sink(layout.clone()).await;
+    let fences = sink.fences();
+    let generation = fences.grant(&[6]).unwrap();
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    let frame = header(
+        &secret(&sink),
+        1,
+        layout.block_bytes() as u64,
+        generation,
+        &[6],
+    );
+    stream.write_all(&frame).await.unwrap();
+    assert_eq!(stream.read_u8().await.unwrap(), 3, "status: go");
+    // The decode worker gives up on the request between the header and the payload.
+    fences.close(&[6], Duration::ZERO).unwrap();
+    stream
+        .write_all(&vec![0xEF; layout.block_bytes()])
+        .await
+        .unwrap();
+    assert_eq!(stream.read_u8().await.unwrap(), 2, "status: fenced");
+    assert_eq!(stream.read_u32_le().await.unwrap(), 6);
+    assert!(snapshot(&sink).iter().all(|&b| b == 0), "nothing landed");
+    assert_eq!(fences.refused(), 1);
 }

@@ -42,11 +42,17 @@ impl Default for PrefillOptions {
     }
 }
 
-/// The decode workers discovery knows, and open transfers to them.
+/// How long a decode worker whose KV endpoint could not be opened is left alone before the
+/// next try (its jobs go back to the queue for other prefill workers meanwhile).
+const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
+
+/// The decode workers discovery knows, open transfers to them, and those this worker could
+/// not reach (since when, and why).
 #[derive(Default)]
 struct Directory {
     instances: HashMap<u64, Instance>,
     transfers: HashMap<u64, Arc<dyn KvTransfer>>,
+    unreachable: HashMap<u64, (Instant, String)>,
 }
 
 pub struct PrefillWorker {
@@ -82,11 +88,14 @@ impl PrefillWorker {
                     match event {
                         DiscoveryEvent::Put(i) => {
                             d.transfers.remove(&i.instance_id);
+                            // A new record may carry a new address: worth another try.
+                            d.unreachable.remove(&i.instance_id);
                             d.instances.insert(i.instance_id, i);
                         }
                         DiscoveryEvent::Delete { instance_id } => {
                             d.instances.remove(&instance_id);
                             d.transfers.remove(&instance_id);
+                            d.unreachable.remove(&instance_id);
                         }
                     }
                 }
@@ -160,6 +169,14 @@ impl Consumer {
             }
         };
         let id = request.request_id.clone();
+        if self.is_unreachable(request.decode_instance) {
+            // Not claimed: another prefill worker that reaches it may take the job (or the
+            // decode worker prefills it after its timeout). The pause keeps a lone worker
+            // from spinning on the same job.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = job.nak().await;
+            return;
+        }
         let claim = PrefillNotice::Claim {
             request_id: id.clone(),
             delivery: job.delivery,
@@ -271,10 +288,31 @@ impl Consumer {
                 .map_err(|e| format!("decode worker {instance:x}'s KV descriptor: {e}"))?
         };
         let transfer: Arc<dyn KvTransfer> =
-            connect(&descriptor, self.host.layout(), self.options.backend)
-                .await
-                .map_err(|e| e.to_string())?
-                .into();
+            match connect(&descriptor, self.host.layout(), self.options.backend).await {
+                Ok(t) => t.into(),
+                Err(e) => {
+                    let offered: Vec<String> = descriptor
+                        .endpoints
+                        .iter()
+                        .map(|e| format!("{}={}", e.backend, e.address))
+                        .collect();
+                    // Once per decode worker (until it re-registers or the pause ends): a
+                    // wrong `--kv-host` would otherwise fail every job with the same words.
+                    tracing::error!(
+                        decode = format!("{instance:x}"),
+                        endpoints = ?offered,
+                        "cannot open a KV transfer to this decode worker ({e}); its jobs are left \
+                         to other prefill workers for {UNREACHABLE_FOR:?} (is its --kv-host an \
+                         address this host can reach?)"
+                    );
+                    self.directory
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .unreachable
+                        .insert(instance, (Instant::now(), e.to_string()));
+                    return Err(e.to_string());
+                }
+            };
         tracing::info!(
             decode = format!("{instance:x}"),
             backend = %transfer.backend(),
@@ -286,6 +324,19 @@ impl Consumer {
             .transfers
             .insert(instance, transfer.clone());
         Ok(transfer)
+    }
+
+    /// Whether decode worker `instance` failed to open recently (its jobs are not claimed).
+    fn is_unreachable(&self, instance: u64) -> bool {
+        let mut d = self.directory.lock().unwrap_or_else(|e| e.into_inner());
+        match d.unreachable.get(&instance) {
+            Some((since, _)) if since.elapsed() < UNREACHABLE_FOR => true,
+            Some(_) => {
+                d.unreachable.remove(&instance);
+                false
+            }
+            None => false,
+        }
     }
 
     async fn notify(&self, address: &str, notice: &PrefillNotice) -> Result<NoticeReply, String> {

@@ -208,6 +208,10 @@ pub fn limited_server() -> &'static Server {
             "4096",
             "--max-inflight",
             "1",
+            // No admission queue: the second request is refused at once (the queue has its
+            // own tests in frontend/).
+            "--max-queued",
+            "0",
         ],
     )
 }

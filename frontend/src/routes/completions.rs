@@ -93,7 +93,7 @@ async fn run(state: Arc<AppState>, body: Body, started: Instant) -> Result<Respo
     let body = body_bytes(&state, body).await?;
     let req: CompletionRequest = parse(&body)?;
     check_model(&state, &req.model)?;
-    let permit = state.admit()?;
+    let permit = state.admit().await?;
     let inflight = state.metrics.inflight();
 
     if req.echo && req.logprobs.is_some() {

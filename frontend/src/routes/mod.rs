@@ -76,26 +76,35 @@ fn key_matches(given: &str, key: &str) -> bool {
 /// this, it does.
 const DRAIN_BYTES: usize = 64 << 20;
 
-/// The body, or 413 (over `--max-body-bytes`) / 400 in OpenAI's error shape.
+/// The body, or 413 (over `--max-body-bytes`) / 400 in OpenAI's error shape, or 408 when it
+/// has not all arrived within `--request-timeout` (a slow upload must not hold a task and its
+/// buffer for ever; hyper bounds the headers the same way, in `server`).
 async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
-    let mut chunks = body.into_data_stream();
-    let mut bytes = Vec::new();
+    let timeout = state.config.request_timeout;
     let mut seen = 0usize;
-    while let Some(chunk) = chunks.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
-        seen = seen.saturating_add(chunk.len());
-        if seen <= limit {
-            bytes.extend_from_slice(&chunk);
-        } else if seen > limit.saturating_add(DRAIN_BYTES) {
-            break;
+    let read = async {
+        let mut chunks = body.into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+            seen = seen.saturating_add(chunk.len());
+            if seen <= limit {
+                bytes.extend_from_slice(&chunk);
+            } else if seen > limit.saturating_add(DRAIN_BYTES) {
+                break;
+            }
         }
+        Ok(bytes)
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Err(e)) => Err(e),
+        // Also when the time ran out while draining the excess: the size is the news.
+        _ if seen > limit => Err(ApiError::too_large(limit)),
+        Ok(Ok(bytes)) => Ok(Bytes::from(bytes)),
+        Err(_elapsed) => Err(ApiError::request_timeout(timeout)),
     }
-    if seen > limit {
-        return Err(ApiError::too_large(limit));
-    }
-    Ok(Bytes::from(bytes))
 }
 
 /// The response, or the error's; a failed request is counted here (a served one is counted when

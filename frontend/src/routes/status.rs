@@ -33,6 +33,9 @@ pub async fn live() -> Json<serde_json::Value> {
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.set_engine(&state.router.loads());
     state.router.refresh_metrics();
+    state
+        .metrics
+        .set_admission_queued(state.admission().queued());
     (
         [(
             header::CONTENT_TYPE,

@@ -18,9 +18,14 @@
 //! block_ids    n × u32   destination block ids, each < num_blocks
 //! payload      n × block_bytes   block i for block_ids[i]: layer 0's chunk, layer 1's, ...
 //! ```
-//! Reply: `[0u8][bytes written u64]`; `[2u8][block u32][presented u64][current u64]` when a
-//! block is not granted to the generation; `[1u8][len u32][len bytes of UTF-8 message]` for
-//! anything else. After a refusal the server closes the connection.
+//! The server answers the header first: `[3u8]` (go: send the payload), or a refusal. After the
+//! payload it answers `[0u8][bytes written u64]`. A refusal is
+//! `[2u8][block u32][presented u64][current u64]` when a block is not granted to the
+//! generation, `[1u8][len u32][len bytes of UTF-8 message]` for anything else; after one the
+//! server closes the connection. The go costs a round trip per request, and buys a refusal
+//! the writer reads before it sends a byte of payload (a server that hung up mid-payload could
+//! only be heard as a broken pipe). Should a grant end while its payload travels, the server
+//! reads the rest without copying it and then refuses.
 //!
 //! The whole header — every destination id, the block size and the generation — comes before
 //! any payload, so the server validates a request completely (including that every block is
@@ -60,6 +65,8 @@ const HEADER_BYTES: usize = 24;
 const STATUS_OK: u8 = 0;
 const STATUS_ERR: u8 = 1;
 const STATUS_FENCED: u8 = 2;
+/// After a valid header: the server takes the payload.
+const STATUS_GO: u8 = 3;
 /// How long a new connection may take to say who it is.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Socket buffers for bulk KV: a few MB in flight keeps loopback and LAN links busy while the
@@ -349,19 +356,31 @@ async fn serve_request(
             current: 0,
         });
     }
+    stream.write_all(&[STATUS_GO]).await?;
+    let mut refused = None;
     for &block in &ids {
         for layer in 0..layout.num_layers {
             stream.read_exact(staging).await?;
+            if refused.is_some() {
+                continue; // read to the end, so the writer hears the refusal
+            }
             // The grant may have ended while the bytes travelled: taken again for each copy.
-            let _hold = shared.fences.acquire(block as u32, generation)?;
-            // SAFETY: `start` checked the layout against the memory, `block` and `layer` are in
-            // range (checked above), and the hold keeps the block ours for the copy (aliasing
-            // invariant, memory.rs).
-            let chunk = unsafe { layer_chunk_mut(&*shared.memory, layout, layer, block) };
-            chunk.copy_from_slice(staging);
+            match shared.fences.acquire(block as u32, generation) {
+                Ok(_hold) => {
+                    // SAFETY: `start` checked the layout against the memory, `block` and
+                    // `layer` are in range (checked above), and the hold keeps the block ours
+                    // for the copy (aliasing invariant, memory.rs).
+                    let chunk = unsafe { layer_chunk_mut(&*shared.memory, layout, layer, block) };
+                    chunk.copy_from_slice(staging);
+                }
+                Err(e) => refused = Some(ServeError::from(e)),
+            }
         }
     }
-    Ok(Some(ids.len() as u64 * block_bytes))
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(Some(ids.len() as u64 * block_bytes)),
+    }
 }
 
 /// The prefill worker's side: one kept-open connection, re-dialled once when it fails.
@@ -488,12 +507,23 @@ async fn exchange(
         header.extend_from_slice(&id.to_le_bytes());
     }
     stream.write_all(&header).await?;
-    // Each block straight from the caller's buffer: the kernel's copy is the only one.
-    for block in blocks {
-        stream.write_all(block).await?;
-    }
     stream.flush().await?;
-    match stream.read_u8().await? {
+    let status = stream.read_u8().await?;
+    if status == STATUS_GO {
+        // Each block straight from the caller's buffer: the kernel's copy is the only one.
+        for block in blocks {
+            stream.write_all(block).await?;
+        }
+        stream.flush().await?;
+        let status = stream.read_u8().await?;
+        return reply(stream, status).await;
+    }
+    reply(stream, status).await
+}
+
+/// The rest of a reply whose status byte was `status`.
+async fn reply(stream: &mut TcpStream, status: u8) -> Result<u64, Exchange> {
+    match status {
         STATUS_OK => Ok(stream.read_u64_le().await?),
         STATUS_FENCED => {
             let block = stream.read_u32_le().await?;
