@@ -88,9 +88,14 @@ pub async fn decode_worker(
     let worker = if settings.disagg.remote_prefill {
         // The KV cache lives in the sink's memory, where prefill workers write.
         let layout = model.kv_layout(&opts)?;
-        let sink = KvSink::new(layout, &settings.sink_backends(), settings.kv_host)
-            .await
-            .context("opening the KV cache for prefill workers")?;
+        let sink = KvSink::with_tls(
+            layout,
+            &settings.sink_backends(),
+            settings.kv_host,
+            settings.kv_tls_server.clone(),
+        )
+        .await
+        .context("opening the KV cache for prefill workers")?;
         let (engine, _card) = model.engine_in(&opts, Some(sink.memory()))?;
         let endpoints: Vec<String> = sink
             .descriptor()
@@ -208,6 +213,7 @@ pub async fn mock_prefill_worker(
     // The decode workers offer only their simulated link.
     let options = PrefillOptions {
         backend: kv_transfer::BackendChoice::Auto,
+        tls: None,
     };
     let worker = PrefillWorker::start(host, planes, options).await?;
     tracing::info!(
@@ -232,6 +238,7 @@ pub async fn prefill_worker(
     let host = PrefillHost::start(engine, layout, &format!("prefill-{index}"))?;
     let options = PrefillOptions {
         backend: settings.kv_transfer,
+        tls: settings.kv_tls_client.clone(),
     };
     let worker = PrefillWorker::start(host, planes, options).await?;
     tracing::info!(index, "prefill worker ready");

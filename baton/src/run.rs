@@ -58,12 +58,12 @@ pub fn run(args: RunArgs) -> Result<()> {
                         bail!("the decode worker's engine died: {reason}");
                     }
                 }
-                // Operators (and the soak test) read leaks from this line: a quiet worker
-                // holds no block for a request.
-                let in_use = worker.host().load().kv_blocks_used;
-                // Withdraw from discovery first, so no new request is routed here while the
-                // rest fail.
-                worker.stop();
+                // Drain: no new requests, those in flight finish (or migrate at the deadline).
+                // Operators (and the soak test) read leaks from the line below: a drained
+                // worker holds no block for a request.
+                let in_use = worker
+                    .drain(std::time::Duration::from_secs(args.serve.drain_timeout))
+                    .await;
                 eprintln!("baton: decode worker stopped with {in_use} KV blocks in use");
             }
             Component::PrefillWorker => {

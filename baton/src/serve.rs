@@ -220,6 +220,17 @@ pub struct ServeArgs {
     /// is local or unset].
     #[arg(long, env = "BATON_KV_HOST")]
     kv_host: Option<IpAddr>,
+    /// PEM certificate chain for a decode worker's KV server: TCP transfers then use TLS (the
+    /// certificate must name the address it advertises); with --kv-tls-key.
+    #[arg(long, env = "BATON_KV_TLS_CERT", requires = "kv_tls_key")]
+    kv_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --kv-tls-cert.
+    #[arg(long, env = "BATON_KV_TLS_KEY", requires = "kv_tls_cert")]
+    kv_tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificates a prefill worker trusts for decode workers' TLS KV servers; a
+    /// prefill worker given it writes only over TLS.
+    #[arg(long, env = "BATON_KV_TLS_CA")]
+    kv_tls_ca: Option<std::path::PathBuf>,
 }
 
 /// A flag's seconds: positive and finite (fractions allowed), refused as the flags are parsed,
@@ -267,6 +278,10 @@ pub(crate) struct Resolved {
     pub prefill_engine: EngineOptions,
     pub kv_transfer: BackendChoice,
     pub kv_host: IpAddr,
+    /// TLS for the decode worker's KV server (`--kv-tls-cert`/`--kv-tls-key`), and what a
+    /// prefill worker verifies it with (`--kv-tls-ca`); read and checked before any weight.
+    pub kv_tls_server: Option<Arc<kv_transfer::tls::ServerConfig>>,
+    pub kv_tls_client: Option<Arc<kv_transfer::tls::ClientConfig>>,
     /// Set with `--executor mock`.
     pub mock: Option<MockGraph>,
 }
@@ -459,6 +474,19 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
             .and_then(kv_transfer::address_towards)
             .unwrap_or(IpAddr::from([127, 0, 0, 1]))
     });
+    let kv_tls_server = match (&args.kv_tls_cert, &args.kv_tls_key) {
+        (Some(cert), Some(key)) => Some(
+            kv_transfer::tls::server_config(cert, key)
+                .map_err(|e| anyhow::anyhow!("`--kv-tls-cert`/`--kv-tls-key`: {e}"))?,
+        ),
+        _ => None,
+    };
+    let kv_tls_client = args
+        .kv_tls_ca
+        .as_deref()
+        .map(kv_transfer::tls::client_config)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("`--kv-tls-ca`: {e}"))?;
     let executor = args
         .executor
         .clone()
@@ -526,6 +554,8 @@ fn resolve(args: &ServeArgs, config: &GraphConfig) -> Result<Resolved> {
         prefill_engine,
         kv_transfer,
         kv_host,
+        kv_tls_server,
+        kv_tls_client,
         model,
         served_model_name,
         port: args.port.or(frontend.port).unwrap_or(8000),
@@ -658,7 +688,20 @@ async fn serve(args: ServeArgs, settings: Resolved) -> Result<()> {
         }
         model.card(&settings.engine)
     };
-    components::frontend(&planes, &args, &settings, &card).await?;
+    // An engine thread that dies takes the process down (non-zero): in one process there is
+    // no other worker of the graph to restart, so a supervisor must.
+    let engine_died = async {
+        if workers.is_empty() {
+            return std::future::pending().await;
+        }
+        futures::future::select_all(workers.iter().map(|w| Box::pin(w.failed())))
+            .await
+            .0
+    };
+    tokio::select! {
+        served = components::frontend(&planes, &args, &settings, &card) => served?,
+        reason = engine_died => anyhow::bail!("a decode worker's engine died: {reason}"),
+    }
     for worker in workers {
         worker.stop();
     }

@@ -178,10 +178,13 @@ async fn over_max_inflight_gets_503() {
         let (status, v) = read_json(resp).await;
         let what = format!("{url}: a second request while one is in flight");
         assert_error(status, &v, 503, None, &what);
-        assert_eq!(
-            retry_after.as_ref().map(|h| h.to_str().unwrap()),
-            Some("1"),
-            "{what}: Retry-After"
+        // Seconds from the measured drain rate, within the documented 1..=60.
+        let secs = retry_after
+            .as_ref()
+            .and_then(|h| h.to_str().ok()?.parse::<u64>().ok());
+        assert!(
+            secs.is_some_and(|s| (1..=60).contains(&s)),
+            "{what}: Retry-After {retry_after:?}"
         );
     }
     drop(sse);

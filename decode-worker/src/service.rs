@@ -16,7 +16,7 @@ use runtime::protocol::{
     GenerateRequest, GenerateResponse, NoticeReply, PrefillCounters, PrefillNotice,
     RemotePrefillRequest, WorkerLoad,
 };
-use runtime::request_plane::IncomingRequest;
+use runtime::request_plane::{IncomingRequest, ResponseSender};
 use runtime::work_queue::WorkQueue;
 use runtime::Planes;
 use tokio::sync::{mpsc, watch};
@@ -77,8 +77,17 @@ pub struct DecodeWorker {
     /// Fires when the worker is abandoned: open responses are dropped without a word.
     abandoned: CancellationToken,
     instance_id: u64,
+    /// Serves the generate address; stopped first when draining.
+    server: JoinHandle<()>,
+    /// Requests whose task still runs (a drain waits for them).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// While quiet this long, a request's stream carries a heartbeat: the caller's silence
+/// timeout (`--stream-timeout`) then fires only for a worker that is stalled or gone, never
+/// for one whose request waits in its queue or for a prefill worker.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 impl DecodeWorker {
     /// Serves `host` at a fresh address of `planes`' decode endpoint for `model`.
@@ -148,11 +157,13 @@ impl DecodeWorker {
             }
             None => (None, None),
         };
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let server = tokio::spawn(serve(
             host.clone(),
             incoming,
             abandoned.clone(),
             remote.clone(),
+            in_flight.clone(),
         ));
         let kv_events = host.take_kv_events();
         let kv_state = Arc::new(Mutex::new(KvState::new(KV_RING_EVENTS)));
@@ -177,7 +188,6 @@ impl DecodeWorker {
         if let Some(remote) = &remote {
             let _ = remote.instance_id.set(id);
         }
-        tasks.push(server);
         tasks.push(tokio::spawn(publish_load(
             host.load_watch(),
             host.prefill_counters(),
@@ -219,6 +229,8 @@ impl DecodeWorker {
             _sink: sink,
             abandoned,
             instance_id: id,
+            server,
+            in_flight,
             tasks,
         })
     }
@@ -244,8 +256,34 @@ impl DecodeWorker {
         self.stop();
     }
 
+    /// A graceful stop (SIGTERM): stops taking requests — its address goes unserved, so a
+    /// router sends new ones elsewhere — lets those it has finish for up to `timeout`, then
+    /// falls silent on the rest (the router migrates them, within its `--migration-limit`) and
+    /// withdraws. Returns the KV blocks its engine held just before it stopped (0 unless
+    /// requests were still running at the deadline, or blocks leaked).
+    pub async fn drain(self, timeout: Duration) -> usize {
+        self.server.abort();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let left = loop {
+            let left = self.in_flight.load(std::sync::atomic::Ordering::Acquire);
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                break left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if left > 0 {
+            tracing::warn!(left, ?timeout, "drain timed out; the rest migrate or fail");
+        }
+        // The engine publishes its load after each turn: let the last release show.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let in_use = self.host.load().kv_blocks_used;
+        self.abandon();
+        in_use
+    }
+
     /// Withdraws the instance (no new requests are routed here), then fails what still runs.
     pub fn stop(self) {
+        self.server.abort();
         let withdrawn = self
             .registration
             .lock()
@@ -375,15 +413,34 @@ async fn serve_notices(table: Arc<RemotePrefills>, mut notices: mpsc::Receiver<I
     }
 }
 
+/// Counts a request's task while it runs.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 async fn serve(
     host: Arc<EngineHost>,
     mut incoming: mpsc::Receiver<IncomingRequest>,
     abandoned: CancellationToken,
     remote: Option<Arc<RemoteContext>>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     while let Some(request) = incoming.recv().await {
         let (host, abandoned, remote) = (host.clone(), abandoned.clone(), remote.clone());
+        let counted = InFlight::enter(&in_flight);
         tokio::spawn(async move {
+            let _counted = counted;
             tokio::select! {
                 biased;
                 _ = abandoned.cancelled() => {}
@@ -409,6 +466,7 @@ async fn await_remote(
     host: &EngineHost,
     job: RemotePrefillRequest,
     cancelled: &CancellationToken,
+    response: &mut ResponseSender,
 ) -> RemoteEnd {
     let id = job.request_id.as_str();
     let timeout = ctx.state.config().remote_prefill_timeout;
@@ -436,6 +494,8 @@ async fn await_remote(
         return RemoteEnd::Resume;
     }
     let mut deadline = tokio::time::Instant::now() + timeout;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    heartbeat.reset();
     loop {
         tokio::select! {
             biased;
@@ -443,6 +503,10 @@ async fn await_remote(
                 ctx.table.remove(id);
                 host.abort(id);
                 return RemoteEnd::Cancelled;
+            }
+            _ = heartbeat.tick() => {
+                // A failed send means the caller is gone: its cancel arrives next.
+                let _ = response.heartbeat().await;
             }
             got = &mut outcome => {
                 match got {
@@ -514,6 +578,8 @@ async fn handle(
         return;
     }
     let cancelled = response.cancel_token();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    heartbeat.reset();
     loop {
         let event = tokio::select! {
             biased;
@@ -522,7 +588,16 @@ async fn handle(
                 return;
             }
             event = events.recv() => event,
+            _ = heartbeat.tick() => {
+                if response.heartbeat().await.is_err() {
+                    host.abort(&id);
+                    return;
+                }
+                continue;
+            }
         };
+        // Anything sent below is a sign of life too.
+        heartbeat.reset();
         let sent = match event {
             Some(EngineEvent::RemotePrefill {
                 block_ids,
@@ -544,7 +619,7 @@ async fn handle(
                     dst_block_ids: block_ids,
                     sampling,
                 };
-                let end = await_remote(ctx, &host, job, &cancelled).await;
+                let end = await_remote(ctx, &host, job, &cancelled, &mut response).await;
                 match end {
                     RemoteEnd::Resume => continue,
                     RemoteEnd::Cancelled => return,

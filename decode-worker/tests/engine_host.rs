@@ -188,3 +188,53 @@ async fn load_reports_and_kv_events_cross_the_event_plane() {
     assert_eq!(seen[0].kv_blocks_total, BLOCKS);
     worker.stop();
 }
+
+/// SIGTERM's drain: the draining worker's request in flight finishes in full, a request routed
+/// to it meanwhile goes to the other worker, and it reports no KV block left in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_finishes_what_it_has_and_takes_nothing_new() {
+    let planes = planes();
+    let router = router(&planes).await;
+    let draining = DecodeWorker::start(host(), &planes, "m").await.unwrap();
+    let other = DecodeWorker::start(host(), &planes, "m").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Round-robin: find the request that lands on the worker about to drain.
+    let mut in_flight = None;
+    for i in 0..2 {
+        let stream = router
+            .generate(request(&format!("long{i}"), vec![3], 40))
+            .await
+            .unwrap();
+        if stream.instance_id() == Some(draining.instance_id()) {
+            in_flight = Some(stream);
+        }
+    }
+    let mut in_flight = in_flight.expect("one of two round-robin requests lands on it");
+    let started = match in_flight.next().await.unwrap().unwrap() {
+        runtime::protocol::GenerateResponse::Tokens(d) => d.token_ids.len(),
+        other => panic!("unexpected {other:?}"),
+    };
+    let draining_id = draining.instance_id();
+    let drain = tokio::spawn(draining.drain(Duration::from_secs(60)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..2 {
+        let mut fresh = router
+            .generate(request(&format!("new{i}"), vec![7], 3))
+            .await
+            .unwrap();
+        assert_eq!(tokens_of(&mut fresh).await, vec![8, 9, 10]);
+        assert_ne!(
+            fresh.instance_id(),
+            Some(draining_id),
+            "a draining worker takes nothing new"
+        );
+    }
+    let rest = tokens_of(&mut in_flight).await;
+    assert_eq!(
+        started + rest.len(),
+        40,
+        "the request in flight finished in full"
+    );
+    assert_eq!(drain.await.unwrap(), 0, "no KV block left in use");
+    other.stop();
+}

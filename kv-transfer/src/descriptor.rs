@@ -82,6 +82,9 @@ pub struct KvDescriptor {
     /// may write its cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SinkSecret>,
+    /// Whether the TCP endpoint speaks TLS (a writer then needs the CA that signed it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
 }
 
 /// A sink's TCP secret: 32 random bytes in hex. Its `Debug` shows no digit of it, so logging a

@@ -52,6 +52,8 @@ pub enum TransferError {
         presented: u64,
         current: u64,
     },
+    #[error("KV transfer TLS: {0}")]
+    Tls(String),
     #[error("KV fence table: {0}")]
     Fence(String),
     #[error("KV sink backends {backends:?}: {reason}")]

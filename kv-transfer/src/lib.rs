@@ -19,6 +19,7 @@ mod layout;
 mod memory;
 mod registry;
 mod sink;
+pub mod tls;
 mod transfer;
 
 pub use descriptor::{address_towards, KvDescriptor, KvEndpoint, SinkSecret, TransferBackend};
@@ -27,4 +28,4 @@ pub use fence::{BlockHeld, BlockHold, Generation, KvFences};
 pub use layout::KvLayout;
 pub use memory::{KvMemory, MemoryLocation};
 pub use sink::KvSink;
-pub use transfer::{connect, BackendChoice, KvTransfer};
+pub use transfer::{connect, connect_with, BackendChoice, KvTransfer};

@@ -29,6 +29,8 @@ pub struct KvSink {
     /// The fence table's shm file, for writers in other processes (shm, CUDA).
     fence_file: Option<ShmFile>,
     secret: Option<SinkSecret>,
+    /// Whether the TCP endpoint speaks TLS.
+    tcp_tls: bool,
     _registrations: Vec<Registration>,
     _shm: Option<ShmFile>,
     _tcp: Option<TcpServer>,
@@ -57,6 +59,17 @@ impl KvSink {
         layout: KvLayout,
         backends: &[TransferBackend],
         tcp_host: IpAddr,
+    ) -> Result<KvSink, TransferError> {
+        Self::with_tls(layout, backends, tcp_host, None).await
+    }
+
+    /// As [`KvSink::new`]; with `tls`, the TCP endpoint speaks TLS with that configuration
+    /// (`tls::server_config`) and the descriptor says so.
+    pub async fn with_tls(
+        layout: KvLayout,
+        backends: &[TransferBackend],
+        tcp_host: IpAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Result<KvSink, TransferError> {
         let len = layout.checked_total_bytes()?;
         let mut wanted: Vec<TransferBackend> = Vec::new();
@@ -106,6 +119,7 @@ impl KvSink {
                 fences,
                 fence_file,
                 secret: None,
+                tcp_tls: false,
                 _registrations: vec![registration],
                 _shm: None,
                 _tcp: None,
@@ -167,6 +181,7 @@ impl KvSink {
                         received: received.clone(),
                         fences: fences.clone(),
                         secret: secret.clone().expect("made whenever `tcp` is asked for"),
+                        tls: tls.clone(),
                     };
                     let server = TcpServer::start(parts, tcp_host).await?;
                     let address = server.addr().to_string();
@@ -188,6 +203,7 @@ impl KvSink {
             fences,
             fence_file,
             secret,
+            tcp_tls: tls.is_some() && tcp.is_some(),
             _registrations: registrations,
             _shm: shm_file,
             _tcp: tcp,
@@ -214,6 +230,7 @@ impl KvSink {
             fences,
             fence_file,
             secret: None,
+            tcp_tls: false,
             _registrations: Vec::new(),
             _shm: None,
             _tcp: None,
@@ -241,6 +258,7 @@ impl KvSink {
                 .as_ref()
                 .map(|f| f.path().display().to_string()),
             secret: self.secret.clone(),
+            tls: self.tcp_tls,
         }
     }
 

@@ -76,6 +76,18 @@ pub async fn connect(
     ours: &KvLayout,
     choice: BackendChoice,
 ) -> Result<Box<dyn KvTransfer>, TransferError> {
+    connect_with(desc, ours, choice, None).await
+}
+
+/// As [`connect`]; `tls` (`tls::client_config`) is how a TLS TCP endpoint is verified. A
+/// writer given one refuses a plain TCP endpoint (it was asked not to send in clear), and one
+/// without it cannot use a TLS endpoint.
+pub async fn connect_with(
+    desc: &KvDescriptor,
+    ours: &KvLayout,
+    choice: BackendChoice,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Box<dyn KvTransfer>, TransferError> {
     ours.check_compatible(&desc.layout)?;
     desc.layout.checked_total_bytes()?;
     let offered = || TransferError::NoUsableEndpoint {
@@ -92,7 +104,7 @@ pub async fn connect(
                 .iter()
                 .find(|e| e.backend == backend)
                 .ok_or_else(offered)?;
-            open(desc, ours, endpoint).await
+            open(desc, ours, endpoint, tls.clone()).await
         }
         BackendChoice::Auto => {
             let mut failures = Vec::new();
@@ -103,7 +115,7 @@ pub async fn connect(
                 if !reachable(desc, endpoint) {
                     continue;
                 }
-                match open(desc, ours, endpoint).await {
+                match open(desc, ours, endpoint, tls.clone()).await {
                     Ok(transfer) => return Ok(transfer),
                     Err(e) => {
                         tracing::debug!(%backend, address = %endpoint.address, error = %e, "KV endpoint unusable; trying the next");
@@ -135,6 +147,7 @@ async fn open(
     desc: &KvDescriptor,
     ours: &KvLayout,
     endpoint: &KvEndpoint,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Box<dyn KvTransfer>, TransferError> {
     let layout = desc.layout.clone();
     Ok(match endpoint.backend {
@@ -153,7 +166,25 @@ async fn open(
                 addr: endpoint.address.clone(),
                 reason: "the decode worker publishes no secret for its KV server".into(),
             })?;
-            Box::new(tcp::TcpWriter::connect(&endpoint.address, layout, secret).await?)
+            let refuse = |reason: &str| TransferError::Tcp {
+                addr: endpoint.address.clone(),
+                reason: reason.into(),
+            };
+            match (desc.tls, &tls) {
+                (true, None) => {
+                    return Err(refuse(
+                        "the KV server speaks TLS: this writer needs the CA (--kv-tls-ca)",
+                    ))
+                }
+                (false, Some(_)) => {
+                    return Err(refuse(
+                        "this writer is set up for TLS (--kv-tls-ca) but the KV server speaks \
+                         plain TCP",
+                    ))
+                }
+                _ => {}
+            }
+            Box::new(tcp::TcpWriter::connect(&endpoint.address, layout, secret, tls).await?)
         }
         TransferBackend::Cuda => cuda::open(desc, &endpoint.address)?,
         TransferBackend::Simulated => {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine::Request;
-use kv_transfer::{connect, BackendChoice, KvDescriptor, KvTransfer};
+use kv_transfer::{connect_with, BackendChoice, KvDescriptor, KvTransfer};
 use runtime::discovery::{decode_worker_endpoint, DiscoveryEvent, Instance};
 use runtime::dropped::DropWarnings;
 use runtime::protocol::{
@@ -32,12 +32,15 @@ const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PrefillOptions {
     /// Which of a decode worker's KV endpoints to write through.
     pub backend: BackendChoice,
+    /// Verifies decode workers' TLS KV servers; when set, TCP writes go only over TLS.
+    pub tls: Option<Arc<kv_transfer::tls::ClientConfig>>,
 }
 
 impl Default for PrefillOptions {
     fn default() -> Self {
         Self {
             backend: BackendChoice::Auto,
+            tls: None,
         }
     }
 }
@@ -287,32 +290,38 @@ impl Consumer {
             serde_json::from_value::<KvDescriptor>(value.clone())
                 .map_err(|e| format!("decode worker {instance:x}'s KV descriptor: {e}"))?
         };
-        let transfer: Arc<dyn KvTransfer> =
-            match connect(&descriptor, self.host.layout(), self.options.backend).await {
-                Ok(t) => t.into(),
-                Err(e) => {
-                    let offered: Vec<String> = descriptor
-                        .endpoints
-                        .iter()
-                        .map(|e| format!("{}={}", e.backend, e.address))
-                        .collect();
-                    // Once per decode worker (until it re-registers or the pause ends): a
-                    // wrong `--kv-host` would otherwise fail every job with the same words.
-                    tracing::error!(
-                        decode = format!("{instance:x}"),
-                        endpoints = ?offered,
-                        "cannot open a KV transfer to this decode worker ({e}); its jobs are left \
-                         to other prefill workers for {UNREACHABLE_FOR:?} (is its --kv-host an \
-                         address this host can reach?)"
-                    );
-                    self.directory
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .unreachable
-                        .insert(instance, (Instant::now(), e.to_string()));
-                    return Err(e.to_string());
-                }
-            };
+        let transfer: Arc<dyn KvTransfer> = match connect_with(
+            &descriptor,
+            self.host.layout(),
+            self.options.backend,
+            self.options.tls.clone(),
+        )
+        .await
+        {
+            Ok(t) => t.into(),
+            Err(e) => {
+                let offered: Vec<String> = descriptor
+                    .endpoints
+                    .iter()
+                    .map(|e| format!("{}={}", e.backend, e.address))
+                    .collect();
+                // Once per decode worker (until it re-registers or the pause ends): a
+                // wrong `--kv-host` would otherwise fail every job with the same words.
+                tracing::error!(
+                    decode = format!("{instance:x}"),
+                    endpoints = ?offered,
+                    "cannot open a KV transfer to this decode worker ({e}); its jobs are left \
+                     to other prefill workers for {UNREACHABLE_FOR:?} (is its --kv-host an \
+                     address this host can reach?)"
+                );
+                self.directory
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unreachable
+                    .insert(instance, (Instant::now(), e.to_string()));
+                return Err(e.to_string());
+            }
+        };
         tracing::info!(
             decode = format!("{instance:x}"),
             backend = %transfer.backend(),

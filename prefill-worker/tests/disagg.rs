@@ -218,3 +218,24 @@ async fn requests_whose_prefill_worker_vanishes_complete_locally_and_once() {
         .await;
     g.stop();
 }
+
+/// Heartbeats: with no prefill worker, a remote request waits out --remote-prefill-timeout
+/// (3 s) before prefilling locally — three times the router's 1 s silence timeout — and still
+/// completes: the decode worker says it is alive while the request waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_prefill_worker_is_busy_not_silent() {
+    let model = model();
+    let mut spec = GraphSpec::new(&model, rule(false, 0, 0), TransferBackend::Memory);
+    spec.prefill_workers = 0;
+    spec.stream_timeout = Duration::from_secs(1);
+    let g = graph(spec).await;
+    let prompt = golden()[4].prompt[..40].to_vec();
+    let started = std::time::Instant::now();
+    let tokens = g.tokens(greedy("waits", prompt, 4, true)).await;
+    assert_eq!(tokens.len(), 4);
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "it waited for the remote prefill's timeout"
+    );
+    g.stop();
+}

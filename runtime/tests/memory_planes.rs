@@ -19,6 +19,14 @@ async fn the_request_plane_contract_holds_in_process() {
     contract::dropping_the_stream_cancels_the_worker(&p, &p, "w2").await;
     contract::worker_errors_are_remote_and_a_dropped_sender_truncated(&p, &p, "w3").await;
     contract::an_unserved_address_is_no_such_address(&p, "nobody").await;
+    let quick = MemoryRequestPlane::new(Duration::from_millis(500));
+    contract::heartbeats_keep_a_quiet_stream_alive(
+        &quick,
+        &quick,
+        "w4",
+        Duration::from_millis(500),
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -26,6 +26,14 @@ async fn the_request_plane_contract_holds_over_nats() {
     let worker = plane(&nats, Duration::from_secs(10)).await;
     let caller = plane(&nats, Duration::from_secs(10)).await;
     contract::frames_arrive_complete_and_in_order(&worker, &caller, ADDRESS).await;
+    let quick = plane(&nats, Duration::from_secs(1)).await;
+    contract::heartbeats_keep_a_quiet_stream_alive(
+        &worker,
+        &quick,
+        &format!("{ADDRESS}hb"),
+        Duration::from_secs(1),
+    )
+    .await;
     contract::dropping_the_stream_cancels_the_worker(&worker, &caller, &format!("{ADDRESS}0"))
         .await;
     contract::worker_errors_are_remote_and_a_dropped_sender_truncated(

@@ -44,6 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Mutex;
@@ -83,12 +84,18 @@ fn tcp_err(addr: impl ToString, reason: impl ToString) -> TransferError {
     }
 }
 
+/// A connection, plain or TLS: the protocol above is the same.
+trait KvStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> KvStream for T {}
+type Stream = Box<dyn KvStream>;
+
 struct Shared {
     memory: Arc<dyn KvMemory>,
     layout: KvLayout,
     received: Arc<AtomicU64>,
     fences: KvFences,
     secret: SinkSecret,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// What a sink's TCP server needs besides its address.
@@ -98,6 +105,8 @@ pub(crate) struct ServerParts {
     pub(crate) received: Arc<AtomicU64>,
     pub(crate) fences: KvFences,
     pub(crate) secret: SinkSecret,
+    /// Serve TLS with this configuration (`tls.rs`), else plain TCP.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// The KV server of a sink; stops accepting, and drops its connections, when dropped.
@@ -117,6 +126,7 @@ impl TcpServer {
             received,
             fences,
             secret,
+            tls,
         } = parts;
         checked_len(&layout, &*memory)?;
         if memory.location() != MemoryLocation::Host {
@@ -142,6 +152,7 @@ impl TcpServer {
             received,
             fences,
             secret,
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
         });
         let accept = tokio::spawn(accept_loop(listener, shared));
         Ok(TcpServer { addr, accept })
@@ -215,7 +226,7 @@ impl From<io::Error> for ServeError {
 }
 
 /// Reads the hello and checks the secret in constant time; nothing else is read first.
-async fn hello(stream: &mut TcpStream, secret: &SinkSecret) -> Result<(), ServeError> {
+async fn hello(stream: &mut Stream, secret: &SinkSecret) -> Result<(), ServeError> {
     let mut hello = [0u8; 4 + SECRET_BYTES];
     match tokio::time::timeout(HELLO_TIMEOUT, stream.read_exact(&mut hello)).await {
         Err(_) => {
@@ -239,7 +250,7 @@ async fn hello(stream: &mut TcpStream, secret: &SinkSecret) -> Result<(), ServeE
     }
 }
 
-async fn refuse(stream: &mut TcpStream, peer: SocketAddr, error: ServeError) {
+async fn refuse(stream: &mut Stream, peer: SocketAddr, error: ServeError) {
     let reply = match error {
         ServeError::Frame(message) => {
             tracing::warn!(%peer, %message, "KV server: refused a request");
@@ -266,11 +277,27 @@ async fn refuse(stream: &mut TcpStream, peer: SocketAddr, error: ServeError) {
         }
     };
     let _ = stream.write_all(&reply).await;
+    let _ = stream.flush().await;
     let _ = stream.shutdown().await;
 }
 
-async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
+async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let mut stream: Stream = match &shared.tls {
+        None => Box::new(tcp),
+        // The handshake shares the hello's deadline: a peer that stalls it costs nothing else.
+        Some(acceptor) => match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => Box::new(tls),
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "KV server: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "KV server: no TLS handshake within {HELLO_TIMEOUT:?}");
+                return;
+            }
+        },
+    };
     if let Err(e) = hello(&mut stream, &shared.secret).await {
         refuse(&mut stream, peer, e).await;
         return;
@@ -285,7 +312,8 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
                 let mut reply = [0u8; 9];
                 reply[0] = STATUS_OK;
                 reply[1..].copy_from_slice(&bytes.to_le_bytes());
-                if stream.write_all(&reply).await.is_err() {
+                // Flushed: TLS holds what it encrypts until told to send it.
+                if stream.write_all(&reply).await.is_err() || stream.flush().await.is_err() {
                     return;
                 }
             }
@@ -299,7 +327,7 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
 
 /// Reads one request into the cache. `Ok(None)`: the peer closed between requests.
 async fn serve_request(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     shared: &Shared,
     staging: &mut [u8],
 ) -> Result<Option<u64>, ServeError> {
@@ -357,6 +385,7 @@ async fn serve_request(
         });
     }
     stream.write_all(&[STATUS_GO]).await?;
+    stream.flush().await?;
     let mut refused = None;
     for &block in &ids {
         for layer in 0..layout.num_layers {
@@ -388,30 +417,35 @@ pub(crate) struct TcpWriter {
     addr: String,
     layout: KvLayout,
     secret: SinkSecret,
+    tls: Option<tokio_rustls::TlsConnector>,
     /// `None` while disconnected — and while an exchange is in flight: the stream is taken out
     /// so a write cancelled mid-payload drops (closes) it, instead of leaving a half-sent frame
     /// for the next write to continue as if it were payload.
-    conn: Mutex<Option<TcpStream>>,
+    conn: Mutex<Option<Stream>>,
 }
 
 impl TcpWriter {
+    /// `tls`: speak TLS, verifying the server against that configuration's roots.
     pub(crate) async fn connect(
         addr: &str,
         layout: KvLayout,
         secret: SinkSecret,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<TcpWriter, TransferError> {
-        let stream = dial(addr, &secret).await?;
+        let tls = tls.map(tokio_rustls::TlsConnector::from);
+        let stream = dial(addr, &secret, tls.as_ref()).await?;
         Ok(TcpWriter {
             addr: addr.to_string(),
             layout,
             secret,
+            tls,
             conn: Mutex::new(Some(stream)),
         })
     }
 
     async fn send(
         &self,
-        conn: &mut Option<TcpStream>,
+        conn: &mut Option<Stream>,
         generation: Generation,
         ids: &[u32],
         blocks: &[Vec<u8>],
@@ -420,7 +454,7 @@ impl TcpWriter {
         loop {
             let mut stream = match conn.take() {
                 Some(stream) => stream,
-                None => dial(&self.addr, &self.secret).await?,
+                None => dial(&self.addr, &self.secret, self.tls.as_ref()).await?,
             };
             match exchange(&mut stream, &self.layout, generation, ids, blocks).await {
                 Ok(bytes) => {
@@ -446,8 +480,13 @@ impl TcpWriter {
     }
 }
 
-/// Connects and says hello with the sink's secret.
-async fn dial(addr: &str, secret: &SinkSecret) -> Result<TcpStream, TransferError> {
+/// Connects (and, with `tls`, shakes hands, checking the server's certificate for the address
+/// dialled) and says hello with the sink's secret.
+async fn dial(
+    addr: &str,
+    secret: &SinkSecret,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<Stream, TransferError> {
     let target = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| tcp_err(addr, format!("resolve: {e}")))?
@@ -466,14 +505,29 @@ async fn dial(addr: &str, secret: &SinkSecret) -> Result<TcpStream, TransferErro
         .map_err(|_| tcp_err(addr, format!("connect timed out after {CONNECT_TIMEOUT:?}")))?
         .map_err(|e| tcp_err(addr, format!("connect: {e}")))?;
     // The header is small and the reply tiny: neither may wait on Nagle or a delayed ACK.
-    let mut stream = stream;
     stream
         .set_nodelay(true)
         .map_err(|e| tcp_err(addr, format!("TCP_NODELAY: {e}")))?;
+    let mut stream: Stream = match tls {
+        None => Box::new(stream),
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::from(target.ip());
+            let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream))
+                .await
+                .map_err(|_| tcp_err(addr, "TLS handshake timed out"))?
+                .map_err(|e| tcp_err(addr, format!("TLS handshake: {e}")))?;
+            Box::new(tls)
+        }
+    };
     let mut hello = HELLO_MAGIC.to_vec();
     hello.extend_from_slice(secret.as_bytes());
     stream
         .write_all(&hello)
+        .await
+        .map_err(|e| tcp_err(addr, format!("hello: {e}")))?;
+    // TLS buffers what it encrypts: the hello must leave now, not with the first request.
+    stream
+        .flush()
         .await
         .map_err(|e| tcp_err(addr, format!("hello: {e}")))?;
     Ok(stream)
@@ -492,7 +546,7 @@ impl From<io::Error> for Exchange {
 }
 
 async fn exchange(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     layout: &KvLayout,
     generation: Generation,
     ids: &[u32],
@@ -522,7 +576,7 @@ async fn exchange(
 }
 
 /// The rest of a reply whose status byte was `status`.
-async fn reply(stream: &mut TcpStream, status: u8) -> Result<u64, Exchange> {
+async fn reply(stream: &mut Stream, status: u8) -> Result<u64, Exchange> {
     match status {
         STATUS_OK => Ok(stream.read_u64_le().await?),
         STATUS_FENCED => {

@@ -95,6 +95,8 @@ pub struct GraphSpec<'a> {
     /// The prefill workers' engine options (their block size may differ, to test refusals).
     pub prefill_options: EngineOptions,
     pub model: &'a SharedModel,
+    /// How long the router waits on a silent stream.
+    pub stream_timeout: Duration,
 }
 
 impl<'a> GraphSpec<'a> {
@@ -104,6 +106,7 @@ impl<'a> GraphSpec<'a> {
             sink: vec![backend],
             choice: BackendChoice::Only(backend),
             prefill_workers: 1,
+            stream_timeout: Duration::from_secs(60),
             prefill_options: options(128),
             model,
         }
@@ -112,7 +115,7 @@ impl<'a> GraphSpec<'a> {
 
 pub async fn graph(spec: GraphSpec<'_>) -> Graph {
     let planes = Planes::in_process(PlaneSettings {
-        stream_timeout: Duration::from_secs(60),
+        stream_timeout: spec.stream_timeout,
         // A job whose worker vanished comes back quickly.
         prefill_ack_wait: Duration::from_secs(2),
         ..PlaneSettings::new("test", "smollm2")
@@ -144,6 +147,7 @@ pub async fn graph(spec: GraphSpec<'_>) -> Graph {
         let host = PrefillHost::start(engine, layout, &format!("prefill-test-{i}")).unwrap();
         let options = PrefillOptions {
             backend: spec.choice,
+            ..PrefillOptions::default()
         };
         prefill.push(PrefillWorker::start(host, &planes, options).await.unwrap());
     }

@@ -49,6 +49,9 @@ pub enum FrameKind {
     Data(Vec<u8>),
     Error(String),
     End,
+    /// "Still working on it": sent while a request waits (queued, prefilling elsewhere) so the
+    /// caller's silence timeout tells a busy worker from a stalled or dead one.
+    Heartbeat,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,11 +84,24 @@ impl ResponseStream {
         }
     }
 
-    /// The next data payload; `None` after `End`. Errors end the stream.
+    /// The next data payload; `None` after `End`. Errors end the stream. Heartbeats are taken
+    /// in silence: each restarts the silence timeout.
     pub async fn next(&mut self) -> Option<Result<Vec<u8>>> {
-        if self.done {
-            return None;
+        loop {
+            if self.done {
+                return None;
+            }
+            match self.next_frame().await {
+                Some(Ok(None)) => continue,
+                Some(Ok(Some(bytes))) => return Some(Ok(bytes)),
+                Some(Err(e)) => return Some(Err(e)),
+                None => return None,
+            }
         }
+    }
+
+    /// One frame: `Ok(None)` for a heartbeat.
+    async fn next_frame(&mut self) -> Option<Result<Option<Vec<u8>>>> {
         let outcome = match tokio::time::timeout(self.silence, self.frames.recv()).await {
             Err(_) => Err(RequestPlaneError::Silent(self.silence)),
             Ok(None) => Err(RequestPlaneError::Truncated),
@@ -96,7 +112,8 @@ impl ResponseStream {
             Ok(Some(frame)) => {
                 self.next_seq += 1;
                 match frame.kind {
-                    FrameKind::Data(bytes) => return Some(Ok(bytes)),
+                    FrameKind::Data(bytes) => return Some(Ok(Some(bytes))),
+                    FrameKind::Heartbeat => return Some(Ok(None)),
                     FrameKind::Error(msg) => Err(RequestPlaneError::Remote(msg)),
                     FrameKind::End => {
                         self.done = true;
@@ -107,7 +124,7 @@ impl ResponseStream {
         };
         self.done = true;
         self.cancel.cancel();
-        Some(outcome)
+        Some(outcome.map(Some))
     }
 }
 
@@ -145,6 +162,11 @@ impl ResponseSender {
 
     pub async fn end(mut self) -> Result<()> {
         self.send(FrameKind::End).await
+    }
+
+    /// Tells the caller the request is alive though it has nothing to say yet.
+    pub async fn heartbeat(&mut self) -> Result<()> {
+        self.send(FrameKind::Heartbeat).await
     }
 
     /// Resolves when the caller cancelled or went away.

@@ -21,7 +21,8 @@
 //!
 //! Wire format (one NATS message each, compact so a token delta costs 9 bytes of framing):
 //! `[tag u8][seq u64 LE][body]` for frames — tag 0 `Data` (body = raw bytes), 1 `Error`
-//! (body = UTF-8 message), 2 `End` (no body) — and a bare tag for the control messages:
+//! (body = UTF-8 message), 2 `End` (no body), 6 `Heartbeat` (no body: the request is alive
+//! but has nothing to say yet) — and a bare tag for the control messages:
 //! 3 "accepted"; 4 "closed" (the worker dropped its sender without `End`, which the caller
 //! reports as `Truncated`, as in memory); 5 "not served" (the worker stopped serving the address
 //! while the request was on its way: `NoSuchAddress`).
@@ -292,7 +293,7 @@ async fn forward_response(
                     let _ = client.publish(inbox, wire::CLOSED.to_vec().into()).await;
                     return;
                 };
-                let last = !matches!(frame.kind, FrameKind::Data(_));
+                let last = !matches!(frame.kind, FrameKind::Data(_) | FrameKind::Heartbeat);
                 if let Err(e) = client.publish(inbox.clone(), wire::encode(frame).into()).await {
                     tracing::warn!(%inbox, "cannot send a response frame: {e}");
                     cancel.cancel();
@@ -387,7 +388,7 @@ async fn bridge(mut b: Bridge) {
             },
         };
         next_seq = frame.seq.wrapping_add(1);
-        let last = !matches!(frame.kind, FrameKind::Data(_));
+        let last = !matches!(frame.kind, FrameKind::Data(_) | FrameKind::Heartbeat);
         if b.frames.send(frame).await.is_err() {
             // The stream was dropped while we waited for room in its channel.
             let _ = b.client.publish(cancel_subject, Vec::new().into()).await;
@@ -406,6 +407,7 @@ mod wire {
     const DATA: u8 = 0;
     const ERROR: u8 = 1;
     const END: u8 = 2;
+    const HEARTBEAT: u8 = 6;
     pub const ACCEPTED: &[u8] = &[3];
     pub const CLOSED: &[u8] = &[4];
     pub const NOT_SERVED: &[u8] = &[5];
@@ -434,6 +436,7 @@ mod wire {
             FrameKind::Data(bytes) => (DATA, bytes),
             FrameKind::Error(message) => (ERROR, message.as_bytes()),
             FrameKind::End => (END, &[]),
+            FrameKind::Heartbeat => (HEARTBEAT, &[]),
         };
         let mut out = Vec::with_capacity(HEADER + body.len());
         out.push(tag);
@@ -450,7 +453,7 @@ mod wire {
             [5] => return Ok(Message::NotServed),
             _ => {}
         }
-        if !matches!(tag, DATA | ERROR | END) {
+        if !matches!(tag, DATA | ERROR | END | HEARTBEAT) {
             return Err(WireError::UnknownTag(tag));
         }
         if bytes.len() < HEADER {
@@ -465,6 +468,7 @@ mod wire {
         let kind = match tag {
             DATA => FrameKind::Data(body.to_vec()),
             ERROR => FrameKind::Error(String::from_utf8_lossy(body).into_owned()),
+            HEARTBEAT => FrameKind::Heartbeat,
             _ => FrameKind::End,
         };
         Ok(Message::Frame(Frame {
@@ -486,6 +490,7 @@ mod tests {
             FrameKind::Data(Vec::new()),
             FrameKind::Error("engine failed: `max_tokens` too large".into()),
             FrameKind::End,
+            FrameKind::Heartbeat,
         ] {
             let frame = Frame {
                 seq: u64::MAX - 7,
@@ -495,7 +500,7 @@ mod tests {
             let body = match &frame.kind {
                 FrameKind::Data(b) => b.len(),
                 FrameKind::Error(m) => m.len(),
-                FrameKind::End => 0,
+                FrameKind::End | FrameKind::Heartbeat => 0,
             };
             assert_eq!(bytes.len(), 9 + body);
             assert_eq!(decode(&bytes), Ok(Message::Frame(frame)));

@@ -49,6 +49,32 @@ pub async fn frames_arrive_complete_and_in_order(
     assert_eq!(got, (0..1000).collect::<Vec<_>>());
 }
 
+/// Request plane: a worker that has nothing to say for three silence timeouts but sends
+/// heartbeats keeps its caller waiting — the heartbeats are not data, the stream is not
+/// `Silent` — and the data that finally comes arrives. (The caller's plane times out after
+/// `silence`.)
+pub async fn heartbeats_keep_a_quiet_stream_alive(
+    worker: &dyn RequestPlane,
+    caller: &dyn RequestPlane,
+    address: &str,
+    silence: Duration,
+) {
+    let mut incoming = worker.serve(address).await.expect("serve");
+    tokio::spawn(async move {
+        let mut req = next_request(&mut incoming).await;
+        let until = Instant::now() + silence * 3;
+        while Instant::now() < until {
+            req.response.heartbeat().await.unwrap();
+            tokio::time::sleep(silence / 4).await;
+        }
+        req.response.data(b"late".to_vec()).await.unwrap();
+        req.response.end().await.unwrap();
+    });
+    let mut stream = caller.request(address, Vec::new()).await.expect("request");
+    assert_eq!(stream.next().await, Some(Ok(b"late".to_vec())));
+    assert_eq!(stream.next().await, None);
+}
+
 /// Request plane: dropping the caller's stream before any frame cancels the worker's side.
 pub async fn dropping_the_stream_cancels_the_worker(
     worker: &dyn RequestPlane,
