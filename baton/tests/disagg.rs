@@ -12,15 +12,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::procs::{NetNs, Proc};
-use common::{client, get_text, metric, once_server, post_json, wait_for, Server};
+use common::{client, f32_reference, get_text, metric, once_server, post_json, wait_for, Server};
 use serde_json::{json, Value};
 use test_support::{EtcdServer, NatsServer};
-
-/// The reference: aggregated, embedded, same dtype and block size.
-fn aggregated() -> &'static Server {
-    static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    once_server(&S, "aggregated", &["--dtype", "f32", "--block-size", "16"])
-}
 
 fn golden_prompts() -> Vec<(Vec<u32>, u64)> {
     let text = std::fs::read_to_string(concat!(
@@ -123,7 +117,7 @@ fn disaggregated(ns: &str, backend: &str, prefill: usize, nats: &str, etcd: &str
 async fn processes_disaggregate_over_shm_and_tcp_and_survive_a_killed_prefill_worker() {
     let nats = NatsServer::start().expect("nats-server (scripts/infra install)");
     let etcd = EtcdServer::start().expect("etcd (scripts/infra install)");
-    let reference = aggregated();
+    let reference = f32_reference();
     let cases = golden_prompts();
     let mut want = Vec::new();
     for (prompt, n) in &cases {
@@ -182,10 +176,7 @@ async fn processes_disaggregate_over_shm_and_tcp_and_survive_a_killed_prefill_wo
     let kill = async {
         // Killed while it holds a claimed job: more claims than finished jobs in its log.
         let holds = wait_for(Duration::from_secs(60), || async {
-            let log = std::fs::read_to_string(&victim.log).unwrap_or_default();
-            let held = log.matches("claimed a prefill job").count()
-                > log.matches("finished a prefill job").count();
-            (held, ())
+            (victim.holds_a_prefill_job(), ())
         })
         .await
         .0;
@@ -245,7 +236,7 @@ async fn serve_with_nats_and_etcd_spawns_prefill_workers_and_the_conditional_rul
     let mut graph = Proc::spawn("graph-serve", &args, &nats.url, &etcd.url);
     let base = graph.listening();
     assert!(workers_ready(&base).await, "{}", graph.log_tail());
-    let reference = aggregated();
+    let reference = f32_reference();
     for (i, (prompt, n)) in golden_prompts().iter().enumerate() {
         let want = complete(&reference.base, prompt, *n, false).await;
         assert_eq!(
@@ -326,7 +317,7 @@ async fn a_prefill_worker_on_another_node_moves_kv_over_tcp() {
     let mut front = Proc::spawn("node1-frontend", &front_args, n, e);
     let base = front.listening();
     assert!(workers_ready(&base).await, "{}", decode.log_tail());
-    let reference = aggregated();
+    let reference = f32_reference();
     let cases = golden_prompts();
     for i in [4, 2, 5] {
         let (prompt, tokens) = &cases[i];
@@ -367,7 +358,7 @@ async fn the_seed_config_runs_embedded_and_its_thresholds_change_through_the_adm
         "secret",
     ]));
     let server = once_server(&S, "disagg-embedded", args);
-    let reference = aggregated();
+    let reference = f32_reference();
     let prompt = &golden_prompts()[4].0;
     let auth = |r: reqwest::RequestBuilder| r.header("authorization", "Bearer secret");
     let complete_auth = |prompt: Vec<u32>| async move {

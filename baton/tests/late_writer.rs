@@ -8,23 +8,12 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::procs::Proc;
-use common::{client, get_text, metric, once_server, post_json, wait_for, Server};
+use common::{client, f32_reference, get_text, metric, post_json, wait_for};
 use serde_json::{json, Value};
 use test_support::{EtcdServer, NatsServer};
-
-/// The reference: aggregated, embedded, same dtype and block size.
-fn aggregated() -> &'static Server {
-    static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    once_server(
-        &S,
-        "late-writer-ref",
-        &["--dtype", "f32", "--block-size", "16"],
-    )
-}
 
 /// A prompt of `len` ordinary token ids, different for each `seed`.
 fn prompt(len: usize, seed: u32) -> Vec<u32> {
@@ -174,7 +163,7 @@ async fn late_writer_is_refused(backend: &str, nats: &str, etcd: &str, want: &[S
 async fn a_stopped_prefill_writer_cannot_write_into_blocks_reused_after_its_claim_expired() {
     let nats = NatsServer::start().expect("nats-server (scripts/infra install)");
     let etcd = EtcdServer::start().expect("etcd (scripts/infra install)");
-    let reference = aggregated();
+    let reference = f32_reference();
     let want = [
         complete(&reference.base, &prompt(800, 1)).await,
         complete(&reference.base, &prompt(300, 2)).await,

@@ -7,23 +7,12 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::procs::Proc;
-use common::{client, get_text, metric, once_server, post_json, wait_for, Server};
+use common::{client, f32_reference, get_text, metric, post_json, wait_for};
 use serde_json::{json, Value};
 use test_support::{EtcdServer, NatsServer};
-
-/// The reference: aggregated, embedded, same dtype and block size.
-fn aggregated() -> &'static Server {
-    static S: OnceLock<Result<Server, String>> = OnceLock::new();
-    once_server(
-        &S,
-        "supervision-ref",
-        &["--dtype", "f32", "--block-size", "16"],
-    )
-}
 
 async fn completion(base: &str, prompt: &Value, max_tokens: u64) -> (u16, Value) {
     let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens,
@@ -146,7 +135,7 @@ async fn a_decode_worker_whose_engine_dies_leaves_discovery_and_its_streams_migr
 async fn serve_restarts_a_killed_prefill_worker_and_loses_no_request() {
     let nats = NatsServer::start().expect("nats-server (scripts/infra install)");
     let etcd = EtcdServer::start().expect("etcd (scripts/infra install)");
-    let reference = aggregated();
+    let reference = f32_reference();
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/disagg.yaml");
     let args = [
         "serve",
@@ -211,10 +200,7 @@ async fn serve_restarts_a_killed_prefill_worker_and_loses_no_request() {
     let kill = async {
         // The only prefill worker holds a job while it logged more claims than finished jobs.
         let claimed = wait_for(Duration::from_secs(60), || async {
-            let log = std::fs::read_to_string(&graph.log).unwrap_or_default();
-            let held = log.matches("claimed a prefill job").count()
-                > log.matches("finished a prefill job").count();
-            (held, ())
+            (graph.holds_a_prefill_job(), ())
         })
         .await
         .0;

@@ -5,6 +5,7 @@
 //! metadata); a connection to each is opened once and kept.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::host::PrefillHost;
+
+/// Counts a claimed job until its handling ends (acked, or dropped with the task).
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A notice that gets no answer within this is treated as refused.
 const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +72,8 @@ pub struct PrefillWorker {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     host: Arc<PrefillHost>,
+    /// Jobs claimed and not yet acknowledged (0 or 1: one job at a time).
+    held: Arc<AtomicUsize>,
 }
 
 impl PrefillWorker {
@@ -105,7 +117,9 @@ impl PrefillWorker {
             })
         };
         let host = Arc::new(host);
+        let held = Arc::new(AtomicUsize::new(0));
         let consumer = Consumer {
+            held: held.clone(),
             host: host.clone(),
             queue: planes.prefill_queue.clone(),
             plane: planes.requests.clone(),
@@ -117,7 +131,14 @@ impl PrefillWorker {
             stop,
             tasks: vec![watcher, consumer],
             host,
+            held,
         })
+    }
+
+    /// Jobs this worker has claimed and not yet acknowledged: what a crash now would leave
+    /// to redelivery or the decode worker's timeout.
+    pub fn jobs_held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
     }
 
     /// KV blocks its engine holds for requests (0 between jobs, unless one leaked).
@@ -136,6 +157,7 @@ impl PrefillWorker {
 }
 
 struct Consumer {
+    held: Arc<AtomicUsize>,
     host: Arc<PrefillHost>,
     queue: Arc<dyn WorkQueue>,
     plane: Arc<dyn RequestPlane>,
@@ -202,6 +224,8 @@ impl Consumer {
             }
         };
         tracing::info!(request = %id, delivery = job.delivery, generation = grant.generation, "claimed a prefill job");
+        self.held.fetch_add(1, Ordering::AcqRel);
+        let _held = Held(&self.held);
         let notice = match self.run_job(&request, &grant).await {
             Ok(done) => done,
             Err(reason) => {

@@ -201,10 +201,16 @@ async fn requests_whose_prefill_worker_vanishes_complete_locally_and_once() {
         });
         let all = join_all(runs);
         tokio::pin!(all);
-        // One prefill worker vanishes mid-run: its job is neither acked nor reported.
+        // One prefill worker vanishes mid-run while it holds a claimed job: the job is
+        // neither acked nor reported.
+        let holding = async {
+            while victim.jobs_held() == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
         tokio::select! {
-            r = &mut all => r,
-            _ = tokio::time::sleep(Duration::from_millis(800)) => {
+            r = &mut all => panic!("all {} finished before the victim held a job", r.len()),
+            _ = holding => {
                 victim.stop();
                 all.await
             }

@@ -187,6 +187,17 @@ pub fn once_server(
     }
 }
 
+/// The aggregated reference of the disaggregation tests: embedded, f32, 16-token blocks (the
+/// dtype and block size their graphs use), so greedy texts compare token for token.
+pub fn f32_reference() -> &'static Server {
+    static S: OnceLock<Result<Server, String>> = OnceLock::new();
+    once_server(
+        &S,
+        "f32-reference",
+        &["--dtype", "f32", "--block-size", "16"],
+    )
+}
+
 /// (A) The shared main server: tests run on it concurrently.
 pub fn main_server() -> &'static Server {
     static S: OnceLock<Result<Server, String>> = OnceLock::new();

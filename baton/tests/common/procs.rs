@@ -106,6 +106,13 @@ impl Proc {
         )
     }
 
+    /// Whether this process's log shows a prefill job claimed and not yet finished (a
+    /// `baton serve` graph's log holds its children's lines too).
+    pub fn holds_a_prefill_job(&self) -> bool {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.matches("claimed a prefill job").count() > log.matches("finished a prefill job").count()
+    }
+
     pub fn signal(&self, signal: i32) {
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, signal);
